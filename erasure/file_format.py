@@ -1,0 +1,186 @@
+"""The erasure file: safetensors only, settings in the header, validated before any model is touched.
+
+Tensors:
+  prompt.k, prompt.v                     [tokens, context_dim]
+  delta.<model key>                      full weight delta
+  lora.<model key>.up / .down / .alpha   low-rank delta (alpha is a 0-d tensor)
+Header metadata (all strings): see _METADATA_FIELDS; structured values are JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Dict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .concept_erasure import ConceptErasure, ErasureError, LowRankDelta
+from .version import FORMAT_VERSION
+
+FORMAT_KEY = "concept_erasure.format"
+_MAX_HEADER = 100 * 1024 * 1024
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _metadata(erasure: ConceptErasure) -> Dict[str, str]:
+    return {
+        FORMAT_KEY: FORMAT_VERSION,
+        "concepts": json.dumps(erasure.concepts),
+        "method": erasure.method,
+        "settings": json.dumps(erasure.settings, sort_keys=True),
+        "base_model": erasure.base_model,
+        "context_dim": str(erasure.context_dim),
+        "prompt_tokens": str(erasure.token_count),
+        "placement": erasure.placement,
+        "prompt_at_inference": "true" if erasure.prompt_at_inference else "false",
+        "pack_version": erasure.pack_version,
+        "created": erasure.created,
+    }
+
+
+def erasure_tensors(erasure: ConceptErasure) -> Dict[str, torch.Tensor]:
+    tensors: Dict[str, torch.Tensor] = {}
+    if erasure.has_prompt:
+        tensors["prompt.k"] = erasure.prompt_k
+        tensors["prompt.v"] = erasure.prompt_v
+    for key, delta in erasure.deltas.items():
+        if isinstance(delta, LowRankDelta):
+            tensors[f"lora.{key}.up"] = delta.up
+            tensors[f"lora.{key}.down"] = delta.down
+            tensors[f"lora.{key}.alpha"] = torch.tensor(float(delta.alpha))
+        else:
+            tensors[f"delta.{key}"] = delta
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def write_erasure_file(erasure: ConceptErasure, path: str) -> None:
+    """Write to exactly `path` (the caller chooses a fresh name; see folders.save_erasure)."""
+    save_file(erasure_tensors(erasure), path, metadata=_metadata(erasure))
+
+
+def _read_header(path: str) -> dict:
+    name = os.path.basename(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:4] == b"PK\x03\x04":
+                raise ErasureError(
+                    f"{name}: this is a pickle / PyTorch checkpoint renamed to .safetensors; only real safetensors "
+                    "files are loaded (pickle files can run code when loaded)")
+            if len(head) < 8:
+                raise ErasureError(f"{name}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise ErasureError(f"{name}: not a safetensors file, or truncated (header length {header_len} "
+                                   f"does not fit a {size}-byte file)")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise ErasureError(f"{name}: cannot read the file ({e.strerror or e})") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ErasureError(f"{name}: not a safetensors file (unreadable header: {e})") from e
+    data_len = size - 8 - header_len
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            count = 1
+            for dim in info["shape"]:
+                count *= int(dim)
+            expected = count * _DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ErasureError(f"{name}: not a valid safetensors file (bad entry for tensor {key!r})") from e
+        if end > data_len:
+            raise ErasureError(f"{name}: the file is truncated (tensor {key!r} ends at byte {end} of the data, "
+                               f"but only {data_len} bytes are present)")
+        if end - start != expected:
+            raise ErasureError(f"{name}: tensor {key!r} has {end - start} bytes for shape {info['shape']} "
+                               f"{info['dtype']} (expected {expected})")
+        if info["dtype"] not in _FLOAT_DTYPES:
+            raise ErasureError(f"{name}: tensor {key!r} has dtype {info['dtype']}; erasure tensors must be "
+                               "floating point")
+    return header
+
+
+def _parse_metadata(name: str, meta: dict) -> dict:
+    if meta.get(FORMAT_KEY) is None:
+        raise ErasureError(f"{name}: not a concept erasure file (no {FORMAT_KEY!r} in its metadata); "
+                           "LoRA or checkpoint files go in their own loaders")
+    if meta[FORMAT_KEY] != FORMAT_VERSION:
+        raise ErasureError(f"{name}: erasure format {meta[FORMAT_KEY]!r} is not supported by this version "
+                           f"(supports {FORMAT_VERSION!r}); update the pack")
+    try:
+        return {
+            "concepts": json.loads(meta.get("concepts", "[]")),
+            "method": meta.get("method", ""),
+            "settings": json.loads(meta.get("settings", "{}")),
+            "base_model": meta.get("base_model", ""),
+            "context_dim": int(meta["context_dim"]),
+            "prompt_tokens": int(meta.get("prompt_tokens", "0")),
+            "placement": meta.get("placement", "mid"),
+            "prompt_at_inference": meta.get("prompt_at_inference", "false") == "true",
+            "pack_version": meta.get("pack_version", ""),
+            "created": meta.get("created", ""),
+        }
+    except (KeyError, ValueError) as e:
+        raise ErasureError(f"{name}: bad erasure metadata ({e})") from e
+
+
+def load_erasure(path: str) -> ConceptErasure:
+    """Read and validate an erasure file. Raises ErasureError naming the file and the problem."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise ErasureError(f"{name}: no such erasure file ({path})")
+    header = _read_header(path)
+    meta = _parse_metadata(name, header.get("__metadata__") or {})
+    names = [k for k in header if k != "__metadata__"]
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in names}
+    except Exception as e:  # safetensors raises its own error types
+        raise ErasureError(f"{name}: cannot read tensors ({e})") from e
+
+    prompt_k, prompt_v = tensors.pop("prompt.k", None), tensors.pop("prompt.v", None)
+    if meta["prompt_tokens"] > 0 and (prompt_k is None or prompt_v is None):
+        raise ErasureError(f"{name}: metadata says {meta['prompt_tokens']} prompt tokens but tensor "
+                           f"{'prompt.k' if prompt_k is None else 'prompt.v'} is missing")
+    if prompt_k is not None and prompt_k.ndim == 2 and prompt_k.shape[0] != meta["prompt_tokens"]:
+        raise ErasureError(f"{name}: prompt.k has {prompt_k.shape[0]} tokens but the metadata says "
+                           f"{meta['prompt_tokens']}")
+
+    deltas = {}
+    lora: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("delta."):
+            deltas[key[len("delta."):]] = t
+        elif key.startswith("lora.") and key.rsplit(".", 1)[-1] in ("up", "down", "alpha"):
+            base, part = key[len("lora."):].rsplit(".", 1)
+            lora.setdefault(base, {})[part] = t
+        else:
+            raise ErasureError(f"{name}: unexpected tensor {key!r} (not part of the erasure format)")
+    for base, parts in lora.items():
+        missing = [p for p in ("up", "down", "alpha") if p not in parts]
+        if missing:
+            raise ErasureError(f"{name}: low-rank delta for {base!r} is missing its {', '.join(missing)} tensor")
+        if parts["alpha"].numel() != 1:
+            raise ErasureError(f"{name}: lora.{base}.alpha must be a single number")
+        deltas[base] = LowRankDelta(parts["up"], parts["down"], float(parts["alpha"].item()))
+
+    try:
+        return ConceptErasure(
+            context_dim=meta["context_dim"], prompt_k=prompt_k, prompt_v=prompt_v, placement=meta["placement"],
+            deltas=deltas, prompt_at_inference=meta["prompt_at_inference"], concepts=meta["concepts"],
+            method=meta["method"], settings=meta["settings"], base_model=meta["base_model"],
+            pack_version=meta["pack_version"], created=meta["created"])
+    except ErasureError as e:
+        raise ErasureError(f"{name}: {e}") from e

@@ -1,0 +1,112 @@
+"""Where erasure files live: ComfyUI's models/concept_erasure folder (plus any paths users add for it)."""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import List
+
+from .concept_erasure import ConceptErasure, ErasureError
+from .file_format import load_erasure, write_erasure_file
+
+FOLDER = "concept_erasure"
+EXTENSION = ".safetensors"
+
+
+def folder_paths():
+    """ComfyUI's folder_paths module: top-level upstream (and inside the fork's server), comfy.cmd in the fork."""
+    try:
+        import folder_paths as fp
+    except ImportError:
+        from comfy.cmd import folder_paths as fp
+    return fp
+
+
+def default_folder() -> str:
+    return os.path.join(folder_paths().models_dir, FOLDER)
+
+
+def register_folder() -> None:
+    """Add models/concept_erasure to ComfyUI's model folders, keeping paths from extra_model_paths.yaml."""
+    fp = folder_paths()
+    if FOLDER in fp.folder_names_and_paths and default_folder() in fp.folder_names_and_paths[FOLDER][0]:
+        return
+    fp.add_model_folder_path(FOLDER, default_folder())
+
+
+def erasure_folder_paths() -> List[str]:
+    register_folder()
+    return list(folder_paths().folder_names_and_paths[FOLDER][0])
+
+
+def list_erasures() -> List[str]:
+    register_folder()
+    return sorted(n for n in folder_paths().get_filename_list(FOLDER) if n.lower().endswith(EXTENSION))
+
+
+def _check_relative(name: str, what: str) -> List[str]:
+    cleaned = name.strip().replace("\\", "/")
+    parts = [p for p in cleaned.split("/") if p not in ("", ".")]
+    if (not parts or cleaned.startswith("/") or re.match(r"^[A-Za-z]:", cleaned) or ".." in parts):
+        raise ErasureError(f"{what} {name!r} must be a relative name inside models/{FOLDER} "
+                           "(no '..', no absolute path)")
+    return parts
+
+
+def resolve_erasure(name: str) -> str:
+    """Full path of an erasure listed in the dropdown; refuses names that escape the folder."""
+    _check_relative(name, "erasure name")
+    if not name.lower().endswith(EXTENSION):
+        raise ErasureError(f"erasure name {name!r}: only {EXTENSION} files are loaded")
+    register_folder()
+    path = folder_paths().get_full_path(FOLDER, name)
+    if path is None:
+        raise ErasureError(f"erasure {name!r} not found in {', '.join(erasure_folder_paths())}")
+    return path
+
+
+def load_named_erasure(name: str) -> ConceptErasure:
+    return load_erasure(resolve_erasure(name))
+
+
+def _next_counter(directory: str, stem: str) -> int:
+    pattern = re.compile(re.escape(stem) + r"_(\d{5,})_" + re.escape(EXTENSION) + "$")
+    numbers = [int(m.group(1)) for f in os.listdir(directory) if (m := pattern.match(f))]
+    return max(numbers, default=0) + 1
+
+
+def _link_without_overwrite(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this filesystem: reserve the name, then move the finished file onto it
+        os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(src, dst)
+
+
+def save_erasure(erasure: ConceptErasure, filename_prefix: str) -> str:
+    """Save as models/concept_erasure/<prefix>_NNNNN_.safetensors; never overwrites, never leaves partial files.
+
+    A leading 'concept_erasure/' in the prefix is accepted (it is where files go anyway). Returns the path.
+    """
+    parts = _check_relative(filename_prefix, "filename_prefix")
+    if parts[0] == FOLDER and len(parts) > 1:
+        parts = parts[1:]
+    directory = os.path.join(default_folder(), *parts[:-1])
+    stem = parts[-1]
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{stem}.{uuid.uuid4().hex}.tmp")
+    try:
+        write_erasure_file(erasure, tmp)
+        counter = _next_counter(directory, stem)
+        while True:
+            final = os.path.join(directory, f"{stem}_{counter:05}_{EXTENSION}")
+            try:
+                _link_without_overwrite(tmp, final)
+                return final
+            except FileExistsError:
+                counter += 1
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

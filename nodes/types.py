@@ -1,0 +1,3 @@
+"""Custom socket types, declared once."""
+CONCEPT_ERASURE = "CONCEPT_ERASURE"
+CATEGORY = "concept_erasure"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv in the repo root with the ComfyUI host (the PyPI fork comfyui==0.0.1) and the pack's
+# test tools. Idempotent: a second run only checks. See ../shared/HOST.md for why each package is here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  # torch belongs to ComfyUI, not to the pack: the host's install step owns it.
+  pip install torch==2.14.1 torchvision==0.29.1
+fi
+if ! .venv/bin/python -c "import comfy" 2>/dev/null; then
+  pip install --no-deps comfyui==0.0.1
+fi
+pip install \
+  psutil numpy ConfigArgParse safetensors pillow tqdm scipy torchsde pyyaml einops 'transformers>=4.40,<5' tokenizers \
+  aio-pika aiohttp python-dateutil aiofiles can-ada lazy-object-proxy opencv-python-headless 'pyjwt[crypto]' natsort kornia \
+  opentelemetry-api opentelemetry-sdk opentelemetry-distro opentelemetry-exporter-otlp-proto-http \
+  opentelemetry-propagator-jaeger opentelemetry-instrumentation opentelemetry-util-http \
+  opentelemetry-instrumentation-aio-pika opentelemetry-instrumentation-requests opentelemetry-semantic-conventions \
+  -r requirements.txt
+pip install "pytest>=8" "pytest-timeout>=2.3" "requests>=2.31"

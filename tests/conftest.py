@@ -1,0 +1,52 @@
+"""Test set-up: the real ComfyUI host on the CPU, and the pack imported the way ComfyUI imports it."""
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "comfyui_concept_erasure"
+COMFY_BASE = tempfile.mkdtemp(prefix="comfy-base-")
+
+torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))
+
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+args.cwd = COMFY_BASE  # the fork puts models/ under --cwd; keep the checkout clean
+
+import comfy.model_management  # noqa: E402,F401
+
+
+def _import_pack():
+    if PACK in sys.modules:
+        return sys.modules[PACK]
+    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_import_pack()
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    """A fresh ComfyUI models/ folder for one test; concept_erasure is registered anew inside it."""
+    from comfyui_concept_erasure.erasure.folders import FOLDER, folder_paths
+
+    fp = folder_paths()
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setattr(fp, "models_dir", str(models))
+    table = getattr(fp.folder_names_and_paths, "contents", fp.folder_names_and_paths)
+    monkeypatch.delitem(table, FOLDER, raising=False)
+    cache = getattr(fp, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        monkeypatch.setattr(fp, "filename_list_cache", {})
+    return models
