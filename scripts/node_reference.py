@@ -1,0 +1,83 @@
+"""Writes the README's node reference from the nodes' own descriptions and tooltips.
+
+Usage: .venv/bin/python scripts/node_reference.py [--check]
+--check exits 1 when README.md is out of date (tests/test_readme.py runs the same comparison).
+"""
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- node-reference:begin -->", "<!-- node-reference:end -->"
+
+
+def load_pack():
+    if "comfyui_concept_erasure" in sys.modules:
+        return sys.modules["comfyui_concept_erasure"]
+    from comfy.cli_args import args
+    args.cpu = True
+    spec = importlib.util.spec_from_file_location("comfyui_concept_erasure", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _input_type(spec):
+    kind = spec[0]
+    return "choice" if isinstance(kind, (list, tuple)) else kind
+
+
+def _default(options):
+    if "default" not in options:
+        return ""
+    value = options["default"]
+    return f" (default `{value!r}`)" if isinstance(value, str) else f" (default `{value}`)"
+
+
+def render(pack) -> str:
+    lines = []
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        name = pack.NODE_DISPLAY_NAME_MAPPINGS.get(node_id, node_id)
+        lines += [f"### {name} (`{node_id}`)", "", cls.DESCRIPTION, "", "| input | type | what it does |",
+                  "|---|---|---|"]
+        inputs = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for input_name, spec in inputs.get(section, {}).items():
+                options = spec[1] if len(spec) > 1 else {}
+                optional = " (optional)" if section == "optional" else ""
+                tip = options.get("tooltip", "").replace("|", "\\|")
+                lines.append(f"| `{input_name}`{optional} | {_input_type(spec)} | {tip}{_default(options)} |")
+        outputs = getattr(cls, "OUTPUT_TOOLTIPS", ())
+        names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
+        if cls.RETURN_TYPES:
+            lines += ["", "| output | type | what it is |", "|---|---|---|"]
+            for out_name, out_type, tip in zip(names, cls.RETURN_TYPES, outputs):
+                lines.append(f"| `{out_name}` | {out_type} | {tip} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def updated_readme(text: str, reference: str) -> str:
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} section")
+    return pattern.sub(lambda _: f"{BEGIN}\n{reference}{END}", text)
+
+
+def main():
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = updated_readme(text, render(load_pack()))
+    if "--check" in sys.argv:
+        if new != text:
+            print("README.md node reference is out of date: run .venv/bin/python scripts/node_reference.py")
+            sys.exit(1)
+        return
+    readme.write_text(new)
+
+
+if __name__ == "__main__":
+    main()
