@@ -6,7 +6,7 @@ import torch
 
 from comfyui_concept_erasure.erasure import ConceptErasure, ErasureError, LowRankDelta, apply_erasure
 from comfyui_concept_erasure.erasure.concept_erasure import cross_attention_layers, model_context_dim
-from tiny_models import CONTEXT_DIM, FAMILIES, build_model, extra_conds, predict
+from tiny_models import CONTEXT_DIM, FAMILIES, build_dit, build_model, extra_conds, predict
 
 MID_ATTN = "diffusion_model.middle_block.1.transformer_blocks.0.attn2"
 
@@ -223,16 +223,11 @@ def test_delta_key_or_shape_mismatch_is_refused():
 
 
 def test_model_without_unet_cross_attention_is_refused():
-    class NotAUNet(torch.nn.Module):
-        pass
-
-    class FakePatcher:  # the shape of a DiT ModelPatcher: .model.diffusion_model without UNet blocks
-        def __init__(self):
-            self.model = torch.nn.Module()
-            self.model.diffusion_model = NotAUNet()
-
+    dit = build_dit()
     with pytest.raises(ErasureError, match="not a Stable Diffusion UNet"):
-        apply_erasure(FakePatcher(), ConceptErasure(context_dim=768))
+        apply_erasure(dit, ConceptErasure(context_dim=768, prompt_k=torch.zeros(1, 768), prompt_v=torch.zeros(1, 768),
+                                          prompt_at_inference=True))
+    assert not dit.patches and not dit.model_options["transformer_options"]
 
 
 def test_bad_erasure_objects_are_refused():

@@ -60,3 +60,15 @@ def predict(patcher, x, sigma, context, **extra):
     with torch.no_grad():
         return patcher.model.apply_model(x, sigma, c_crossattn=context,
                                          transformer_options=dict(patcher.model_options["transformer_options"]), **extra)
+
+
+def build_dit(seed: int = 0):
+    """A small SD3 (MMDiT) model: a real comfy diffusion model with no UNet cross-attention (attn2)."""
+    config = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=2048,
+                  pos_embed_max_size=16, num_patches=256, pos_embed_scaling_factor=None,
+                  context_embedder_config={"target": "torch.nn.Linear",
+                                           "params": {"in_features": 4096, "out_features": 128}})
+    model = comfy.model_base.SD3(comfy.supported_models.SD3(config), device="cpu")
+    init_weights(model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
