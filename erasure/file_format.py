@@ -52,7 +52,8 @@ def erasure_tensors(erasure: ConceptErasure) -> Dict[str, torch.Tensor]:
         if isinstance(delta, LowRankDelta):
             tensors[f"lora.{key}.up"] = delta.up
             tensors[f"lora.{key}.down"] = delta.down
-            tensors[f"lora.{key}.alpha"] = torch.tensor(float(delta.alpha))
+            # float64, so the Python float comes back exactly
+            tensors[f"lora.{key}.alpha"] = torch.tensor(float(delta.alpha), dtype=torch.float64)
         else:
             tensors[f"delta.{key}"] = delta
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -63,25 +64,36 @@ def write_erasure_file(erasure: ConceptErasure, path: str) -> None:
     save_file(erasure_tensors(erasure), path, metadata=_metadata(erasure))
 
 
+_PICKLE_STARTS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    # A pickle's third byte is an opcode, never 0; a safetensors header length of 640, 896, ... starts with the
+    # same two bytes, followed by zeros.
+    return head[:4] == b"PK\x03\x04" or (head[:2] in _PICKLE_STARTS and head[2:3] not in (b"", b"\x00"))
+
+
 def _read_header(path: str) -> dict:
     name = os.path.basename(path)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
-            if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:4] == b"PK\x03\x04":
-                raise ErasureError(
-                    f"{name}: this is a pickle / PyTorch checkpoint renamed to .safetensors; only real safetensors "
-                    "files are loaded (pickle files can run code when loaded)")
-            if len(head) < 8:
-                raise ErasureError(f"{name}: not a safetensors file (only {size} bytes)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(_MAX_HEADER, size - 8):
-                raise ErasureError(f"{name}: not a safetensors file, or truncated (header length {header_len} "
-                                   f"does not fit a {size}-byte file)")
-            raw = f.read(header_len)
+            header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            fits = header_len is not None and header_len <= min(_MAX_HEADER, size - 8)
+            raw = f.read(header_len) if fits else b""
     except OSError as e:
         raise ErasureError(f"{name}: cannot read the file ({e.strerror or e})") from e
+    if not raw.startswith(b"{"):
+        if _looks_like_pickle(head):
+            raise ErasureError(
+                f"{name}: this is a pickle / PyTorch checkpoint renamed to .safetensors; only real safetensors "
+                "files are loaded (pickle files can run code when loaded)")
+        if header_len is None:
+            raise ErasureError(f"{name}: not a safetensors file (only {size} bytes)")
+        if not fits:
+            raise ErasureError(f"{name}: not a safetensors file, or truncated (header length {header_len} "
+                               f"does not fit a {size}-byte file)")
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
@@ -93,26 +105,31 @@ def _read_header(path: str) -> dict:
         if key == "__metadata__":
             continue
         try:
-            start, end = info["data_offsets"]
+            start, end = (int(o) for o in info["data_offsets"])
+            dtype = info["dtype"]
+            if not isinstance(dtype, str):
+                raise TypeError(dtype)
             count = 1
             for dim in info["shape"]:
                 count *= int(dim)
-            expected = count * _DTYPE_BYTES[info["dtype"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ErasureError(f"{name}: not a valid safetensors file (bad entry for tensor {key!r})") from e
+        if dtype not in _FLOAT_DTYPES:
+            raise ErasureError(f"{name}: tensor {key!r} has dtype {dtype}; erasure tensors must be "
+                               f"floating point ({', '.join(sorted(_FLOAT_DTYPES))})")
+        expected = count * _DTYPE_BYTES[dtype]
         if end > data_len:
             raise ErasureError(f"{name}: the file is truncated (tensor {key!r} ends at byte {end} of the data, "
                                f"but only {data_len} bytes are present)")
         if end - start != expected:
             raise ErasureError(f"{name}: tensor {key!r} has {end - start} bytes for shape {info['shape']} "
                                f"{info['dtype']} (expected {expected})")
-        if info["dtype"] not in _FLOAT_DTYPES:
-            raise ErasureError(f"{name}: tensor {key!r} has dtype {info['dtype']}; erasure tensors must be "
-                               "floating point")
     return header
 
 
-def _parse_metadata(name: str, meta: dict) -> dict:
+def _parse_metadata(name: str, meta) -> dict:
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ErasureError(f"{name}: not a valid safetensors file (its __metadata__ must map strings to strings)")
     if meta.get(FORMAT_KEY) is None:
         raise ErasureError(f"{name}: not a concept erasure file (no {FORMAT_KEY!r} in its metadata); "
                            "LoRA or checkpoint files go in their own loaders")
@@ -120,7 +137,7 @@ def _parse_metadata(name: str, meta: dict) -> dict:
         raise ErasureError(f"{name}: erasure format {meta[FORMAT_KEY]!r} is not supported by this version "
                            f"(supports {FORMAT_VERSION!r}); update the pack")
     try:
-        return {
+        parsed = {
             "concepts": json.loads(meta.get("concepts", "[]")),
             "method": meta.get("method", ""),
             "settings": json.loads(meta.get("settings", "{}")),
@@ -132,8 +149,15 @@ def _parse_metadata(name: str, meta: dict) -> dict:
             "pack_version": meta.get("pack_version", ""),
             "created": meta.get("created", ""),
         }
-    except (KeyError, ValueError) as e:
+    except KeyError as e:
+        raise ErasureError(f"{name}: bad erasure metadata (missing {e})") from e
+    except ValueError as e:
         raise ErasureError(f"{name}: bad erasure metadata ({e})") from e
+    if not isinstance(parsed["concepts"], list) or not all(isinstance(c, str) for c in parsed["concepts"]):
+        raise ErasureError(f"{name}: bad erasure metadata (concepts must be a JSON list of strings)")
+    if not isinstance(parsed["settings"], dict):
+        raise ErasureError(f"{name}: bad erasure metadata (settings must be a JSON object)")
+    return parsed
 
 
 def load_erasure(path: str) -> ConceptErasure:
@@ -142,7 +166,7 @@ def load_erasure(path: str) -> ConceptErasure:
     if not os.path.isfile(path):
         raise ErasureError(f"{name}: no such erasure file ({path})")
     header = _read_header(path)
-    meta = _parse_metadata(name, header.get("__metadata__") or {})
+    meta = _parse_metadata(name, header.get("__metadata__", {}))
     names = [k for k in header if k != "__metadata__"]
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -163,7 +187,7 @@ def load_erasure(path: str) -> ConceptErasure:
     for key, t in tensors.items():
         if key.startswith("delta."):
             deltas[key[len("delta."):]] = t
-        elif key.startswith("lora.") and key.rsplit(".", 1)[-1] in ("up", "down", "alpha"):
+        elif key.startswith("lora.") and key.count(".") >= 2 and key.rsplit(".", 1)[-1] in ("up", "down", "alpha"):
             base, part = key[len("lora."):].rsplit(".", 1)
             lora.setdefault(base, {})[part] = t
         else:
@@ -183,4 +207,6 @@ def load_erasure(path: str) -> ConceptErasure:
             method=meta["method"], settings=meta["settings"], base_model=meta["base_model"],
             pack_version=meta["pack_version"], created=meta["created"])
     except ErasureError as e:
-        raise ErasureError(f"{name}: {e}") from e
+        problem = str(e)
+        problem = problem[len("erasure: "):] if problem.startswith("erasure: ") else problem
+        raise ErasureError(f"{name}: {problem}") from e

@@ -27,11 +27,30 @@ def default_folder() -> str:
 
 
 def register_folder() -> None:
-    """Add models/concept_erasure to ComfyUI's model folders, keeping paths from extra_model_paths.yaml."""
+    """Add models/concept_erasure to ComfyUI's model folders, keeping paths from extra_model_paths.yaml.
+
+    The folder lists .safetensors files only (both hosts register new folders with "every extension").
+    """
     fp = folder_paths()
-    if FOLDER in fp.folder_names_and_paths and default_folder() in fp.folder_names_and_paths[FOLDER][0]:
-        return
-    fp.add_model_folder_path(FOLDER, default_folder())
+    table = fp.folder_names_and_paths
+    if FOLDER not in table or default_folder() not in table[FOLDER][0]:
+        fp.add_model_folder_path(FOLDER, default_folder())
+    entry = table[FOLDER]
+    if set(entry[1]) != {EXTENSION}:
+        if hasattr(entry, "supported_extensions"):  # the fork's FolderPathsTuple (its setitem merges extensions)
+            entry.supported_extensions = {EXTENSION}
+        else:  # upstream: a plain (paths, extensions) tuple
+            table[FOLDER] = (entry[0], {EXTENSION})
+        _invalidate_listing()
+
+
+def _invalidate_listing() -> None:
+    fp = folder_paths()
+    if hasattr(fp, "invalidate_cache"):  # the fork
+        fp.invalidate_cache(FOLDER)
+    cache = getattr(fp, "filename_list_cache", None)  # upstream
+    if isinstance(cache, dict):
+        cache.pop(FOLDER, None)
 
 
 def erasure_folder_paths() -> List[str]:
@@ -82,7 +101,11 @@ def _link_without_overwrite(src: str, dst: str) -> None:
         raise
     except OSError:  # no hard links on this filesystem: reserve the name, then move the finished file onto it
         os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        os.replace(src, dst)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.remove(dst)  # the empty placeholder
+            raise
 
 
 def save_erasure(erasure: ConceptErasure, filename_prefix: str) -> str:
@@ -104,6 +127,7 @@ def save_erasure(erasure: ConceptErasure, filename_prefix: str) -> str:
             final = os.path.join(directory, f"{stem}_{counter:05}_{EXTENSION}")
             try:
                 _link_without_overwrite(tmp, final)
+                _invalidate_listing()
                 return final
             except FileExistsError:
                 counter += 1
