@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv in the repo root with the ComfyUI host (the PyPI fork comfyui==0.0.1) and the pack's
-# test tools. Idempotent: a second run only checks. See ../shared/HOST.md for why each package is here.
+# test tools (Playwright + Debian's Chromium for the browser tests, unless INSTALL_BROWSER=0).
+# Idempotent: a second run only checks. See ../shared/HOST.md for why each package is here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -22,3 +23,16 @@ pip install \
   opentelemetry-instrumentation-aio-pika opentelemetry-instrumentation-requests opentelemetry-semantic-conventions \
   -r requirements.txt
 pip install "pytest>=8" "pytest-timeout>=2.3" "requests>=2.31"
+# The browser tests (tests/test_browser.py) drive Debian's Chromium through Playwright; Playwright's own browser
+# download cannot be used. INSTALL_BROWSER=0 skips both (demo.sh does: it needs no browser).
+if [ "${INSTALL_BROWSER:-1}" = 1 ]; then
+  pip install "playwright>=1.40"
+  if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get update -q >/dev/null
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null
+    else
+      echo "install_host.sh: /usr/bin/chromium is missing; the browser tests need Debian's chromium package" >&2
+    fi
+  fi
+fi

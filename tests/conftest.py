@@ -18,6 +18,7 @@ from comfy.cli_args import args  # noqa: E402
 
 args.cpu = True
 args.cwd = COMFY_BASE  # the fork puts models/ under --cwd; keep the checkout clean
+args.base_directory = COMFY_BASE  # upstream's name for it (scripts/test_upstream.sh)
 
 import comfy.model_management  # noqa: E402,F401
 
@@ -50,3 +51,7 @@ def models_dir(tmp_path, monkeypatch):
     if isinstance(cache, dict):
         monkeypatch.setattr(fp, "filename_list_cache", {})
     return models
+
+
+# Session fixtures of the end-to-end tests: the generated checkpoint and the real server.
+from server_fixtures import comfy_base, comfy_server, made_erasure, trained_erasure  # noqa: E402,F401

@@ -1,0 +1,267 @@
+"""Build workflows/*.json with the real ComfyUI frontend, so the files are exactly what it saves.
+
+Each workflow below is a short description (nodes, widget values, links, a note, a group); the script starts
+a server with the pack, creates the nodes in the web UI with LiteGraph, and writes app.graph.serialize().
+Run it again after a node's inputs change:
+
+    .venv/bin/python scripts/build_workflows.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from comfy_browser import chromium_page, open_app
+from comfy_server import ComfyServer, prepare_base
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "workflows"
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the name core templates use for SD1.5
+ERASURE = "van_gogh_00001_.safetensors"  # what train_concept_erasure.json saves first
+CONCEPT = "a painting in the style of Van Gogh"  # a prompt that asks for the erased concept
+CONCEPT_TEXT = "Van Gogh"  # what the trainer erases
+KEPT = "a painting in the style of Claude Monet"  # should look the same after the erasure
+KEPT_TEXT = "Claude Monet"
+SEED = 42
+
+
+def node(key, type, pos, widgets=None, title=None, size=None):
+    return dict(key=key, type=type, pos=list(pos), widgets=widgets or {}, title=title, size=size)
+
+
+def note(key, pos, text, size=(400, 300)):
+    return dict(key=key, type="Note", pos=list(pos), widgets={}, text=text, size=list(size), title=None)
+
+
+def sampler(key, pos, title=None):
+    return node(key, "KSampler", pos, {"seed": SEED, "control_after_generate": "fixed", "steps": 25, "cfg": 7.5,
+                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}, title)
+
+
+def prompt_nodes(x, y, text):
+    return [node("positive", "CLIPTextEncode", (x, y), {"text": text}, "Prompt (asks for the erased concept)",
+                 size=(400, 200)),
+            node("negative", "CLIPTextEncode", (x, y + 240), {"text": "blurry, low quality"}, "Negative prompt",
+                 size=(400, 200)),
+            node("latent", "EmptyLatentImage", (x, y + 480), {"width": 512, "height": 512, "batch_size": 1},
+                 size=(400, 106))]
+
+
+def sampler_links(sampler_key, model):
+    return [(model[0], model[1], sampler_key, "model"), ("positive", 0, sampler_key, "positive"),
+            ("negative", 0, sampler_key, "negative"), ("latent", 0, sampler_key, "latent_image")]
+
+
+# Columns of the layout (x positions); rows are set per workflow.
+C0, C1, C2, C3, C4 = 0, 440, 880, 1230, 1480
+WIDE = (400, 98)
+
+
+def loaders(y=340):
+    return [node("ckpt", "CheckpointLoaderSimple", (C0, y), {"ckpt_name": CHECKPOINT}, size=WIDE),
+            node("load", "LoadConceptErasure", (C0, y + 150), {"erasure_name": ERASURE}, size=(400, 58))]
+
+
+TRAIN = dict(
+    title="Train a concept erasure",
+    description="Erase a concept from an SD1.5 model by training learnable prompts and cross-attention deltas; "
+                "saves the erasure to models/concept_erasure and previews the loss curves.",
+    nodes=[
+        note("note", (C0, 0), (
+            "TRAIN A CONCEPT ERASURE\n\n"
+            f"1. Load Checkpoint: the Stable Diffusion 1.5 model to erase from ({CHECKPOINT}; SD2.x and SDXL "
+            "work too).\n"
+            "2. Concept: type what to erase (an artist's style, an object, a person), and the same words in "
+            "concept_label on Train Concept Erasure (stored in the file).\n"
+            "3. Leave the second prompt empty: it is the unconditional prompt.\n"
+            "4. Queue. Training takes a while (about 1000 iterations on a GPU); the queue's cancel button stops "
+            "it and writes nothing.\n"
+            "5. The erasure is saved as models/concept_erasure/van_gogh_00001_.safetensors: open "
+            "apply_concept_erasure.json or compare_before_after.json to use it."), size=(400, 330)),
+        node("ckpt", "CheckpointLoaderSimple", (C0, 380), {"ckpt_name": CHECKPOINT}, size=WIDE),
+        node("concept", "CLIPTextEncode", (C1, 0), {"text": CONCEPT_TEXT}, "Concept to erase", size=(400, 200)),
+        node("empty", "CLIPTextEncode", (C1, 240), {"text": ""}, "Empty prompt (unconditional)", size=(400, 200)),
+        node("train", "TrainConceptErasure", (C2, 0), {"concept_label": CONCEPT_TEXT,
+                                                      "control_after_generate": "fixed"}, size=(400, 0)),
+        node("save", "SaveConceptErasure", (C2 + 460, 0), {"filename_prefix": "concept_erasure/van_gogh"},
+             size=(400, 58)),
+        node("curves", "PreviewImage", (C2 + 460, 120), title="Loss curves", size=(520, 330)),
+    ],
+    links=[("ckpt", 1, "concept", "clip"), ("ckpt", 1, "empty", "clip"), ("ckpt", 0, "train", "model"),
+           ("concept", 0, "train", "concept"), ("empty", 0, "train", "unconditional"),
+           ("train", 1, "save", "erasure"), ("train", 2, "curves", "images")],
+)
+
+APPLY = dict(
+    title="Apply a concept erasure",
+    description="Generate with a model that had a concept erased: Load Concept Erasure + Apply Concept Erasure "
+                "in front of a normal KSampler.",
+    nodes=[
+        note("note", (C0, 0), (
+            "APPLY A CONCEPT ERASURE\n\n"
+            f"1. Load Checkpoint: the Stable Diffusion 1.5 model the erasure was trained on ({CHECKPOINT} "
+            "or another SD1.5 checkpoint).\n"
+            "2. Load Concept Erasure: an erasure file from models/concept_erasure "
+            "(train_concept_erasure.json makes one).\n"
+            "3. The prompt asks for the erased concept on purpose: the erased model should not draw it.\n"
+            "4. Strength: 1 = as trained, 0 = off (the original model).\n\n"
+            "SD2.x and SDXL work the same way with an erasure trained on that family.")),
+        *loaders(),
+        *prompt_nodes(C1, 0, CONCEPT),
+        node("apply", "ApplyConceptErasure", (C1, 630), {"strength": 1.0}, size=(400, 78)),
+        sampler("sampler", (C2, 0)),
+        node("decode", "VAEDecode", (C3, 0)),
+        node("save", "SaveImage", (C4, 0), {"filename_prefix": "concept_erasure/erased"}, size=(420, 470)),
+    ],
+    links=[("ckpt", 0, "apply", "model"), ("load", 0, "apply", "erasure"), ("ckpt", 1, "positive", "clip"),
+           ("ckpt", 1, "negative", "clip"), *sampler_links("sampler", ("apply", 0)),
+           ("sampler", 0, "decode", "samples"), ("ckpt", 2, "decode", "vae"), ("decode", 0, "save", "images")],
+)
+
+COMPARE = dict(
+    title="Compare before and after erasure",
+    description="The same prompts and seed through the original and the erased model with Concept Erasure "
+                "Report: one saved grid, original left and erased right, one row per prompt (the erased concept, "
+                "then a concept that should be kept), and a score per prompt in its summary output.",
+    nodes=[
+        note("note", (C0, 0), (
+            "COMPARE BEFORE / AFTER\n\n"
+            f"1. Load Checkpoint: the SD1.5 model the erasure was trained on ({CHECKPOINT}).\n"
+            "2. Load Concept Erasure: the erasure to test.\n"
+            "3. Prompts: the erased concept first, then something that should stay (another artist); add more "
+            "with Conditioning (Combine) and name them in 'labels'.\n"
+            "4. The saved grid: left = original, right = erased, same seed for every image. The report's "
+            "summary output holds a score per prompt (erased: high; kept: near 0).")),
+        *loaders(),
+        node("erased_prompt", "CLIPTextEncode", (C1, 0), {"text": CONCEPT}, "Prompt with the erased concept",
+             size=(400, 200)),
+        node("kept_prompt", "CLIPTextEncode", (C1, 240), {"text": KEPT}, "Prompt that should not change",
+             size=(400, 200)),
+        node("empty", "CLIPTextEncode", (C1, 480), {"text": ""}, "Empty prompt (unconditional)", size=(400, 200)),
+        node("combine", "ConditioningCombine", (C2, 0), title="Prompts: one row each", size=(330, 70)),
+        node("apply", "ApplyConceptErasure", (C2, 160), {"strength": 1.0}, size=(330, 78)),
+        node("report", "ConceptErasureReport", (C2 + 380, 0),
+             {"seed": SEED, "control_after_generate": "fixed", "steps": 25, "width": 512, "height": 512,
+              "cfg": 7.5, "labels": f"{CONCEPT_TEXT} (erased)\n{KEPT_TEXT} (kept)"}, size=(400, 0)),
+        node("save", "SaveImage", (C2 + 830, 0), {"filename_prefix": "concept_erasure/before_after"},
+             size=(500, 540)),
+    ],
+    links=[("ckpt", 0, "apply", "model"), ("load", 0, "apply", "erasure"), ("ckpt", 1, "erased_prompt", "clip"),
+           ("ckpt", 1, "kept_prompt", "clip"), ("ckpt", 1, "empty", "clip"),
+           ("erased_prompt", 0, "combine", "conditioning_1"), ("kept_prompt", 0, "combine", "conditioning_2"),
+           ("ckpt", 0, "report", "original_model"), ("apply", 0, "report", "erased_model"),
+           ("combine", 0, "report", "prompts"), ("empty", 0, "report", "unconditional"),
+           ("ckpt", 2, "report", "vae"), ("report", 0, "save", "images")],
+)
+
+RECOVER = dict(
+    title="Recover the erased concept with its key",
+    description="Recover Erased Concept attaches the learned prompt (the key) to the erased model: next to the "
+                "erased model alone, it shows that the concept was hidden, not destroyed.",
+    nodes=[
+        note("note", (C0, 0), (
+            "RECOVER WITH THE KEY\n\n"
+            f"1. Load Checkpoint: the SD1.5 model the erasure was trained on ({CHECKPOINT}).\n"
+            "2. Load Concept Erasure: an erasure trained with a learnable prompt (method lp).\n"
+            "3. Top: the erased model. Bottom: the same erased model with its learned prompt attached by "
+            "Recover Erased Concept. Same prompt, same seed.\n\n"
+            "Only whoever holds the erasure file has the key.")),
+        *loaders(),
+        *prompt_nodes(C1, 0, CONCEPT),
+        node("apply", "ApplyConceptErasure", (C1, 630), {"strength": 1.0}, size=(400, 78)),
+        node("recover", "RecoverErasedConcept", (C1, 750), size=(400, 46)),
+        sampler("erased", (C2, 0), "KSampler (erased model)"),
+        sampler("recovered", (C2, 400), "KSampler (erased model + key)"),
+        node("decode_erased", "VAEDecode", (C3, 0)),
+        node("decode_recovered", "VAEDecode", (C3, 400)),
+        node("save_erased", "SaveImage", (C4, 0), {"filename_prefix": "concept_erasure/erased"},
+             size=(360, 360)),
+        node("save_recovered", "SaveImage", (C4, 400), {"filename_prefix": "concept_erasure/recovered"},
+             size=(360, 360)),
+    ],
+    links=[("ckpt", 0, "apply", "model"), ("load", 0, "apply", "erasure"), ("ckpt", 0, "recover", "model"),
+           ("load", 0, "recover", "erasure"), ("ckpt", 1, "positive", "clip"), ("ckpt", 1, "negative", "clip"),
+           *sampler_links("erased", ("apply", 0)), *sampler_links("recovered", ("recover", 0)),
+           ("erased", 0, "decode_erased", "samples"), ("ckpt", 2, "decode_erased", "vae"),
+           ("recovered", 0, "decode_recovered", "samples"), ("ckpt", 2, "decode_recovered", "vae"),
+           ("decode_erased", 0, "save_erased", "images"), ("decode_recovered", 0, "save_recovered", "images")],
+)
+
+WORKFLOWS = {
+    "train_concept_erasure": TRAIN,
+    "apply_concept_erasure": APPLY,
+    "compare_before_after": COMPARE,
+    "recover_with_key": RECOVER,
+}
+
+_BUILD_JS = """(spec) => {
+    app.graph.clear();
+    const byKey = {};
+    for (const s of spec.nodes) {
+        const n = LiteGraph.createNode(s.type);
+        if (!n) throw new Error('unknown node type ' + s.type);
+        if (s.title) n.title = s.title;
+        n.pos = s.pos;
+        app.graph.add(n);
+        if (s.type === 'Note') { n.properties.text = s.text; n.widgets[0].value = s.text; }
+        for (const [name, value] of Object.entries(s.widgets)) {
+            const w = (n.widgets || []).find(w => w.name === name);
+            if (!w) throw new Error(s.type + ' has no widget ' + name);
+            w.value = value;
+        }
+        if (s.size) n.size = [Math.max(s.size[0], n.size[0]), Math.max(s.size[1], n.size[1])];
+        byKey[s.key] = n;
+    }
+    for (const [from, slot, to, input] of spec.links) {
+        if (!byKey[from].connect(slot, byKey[to], input)) {
+            throw new Error('cannot link ' + from + ' -> ' + to + '.' + input);
+        }
+    }
+    const nodes = Object.values(byKey);
+    const x0 = Math.min(...nodes.map(n => n.pos[0])) - 20, y0 = Math.min(...nodes.map(n => n.pos[1])) - 80;
+    const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])) + 20;
+    const y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1])) + 20;
+    const group = new LiteGraph.LGraphGroup(spec.title);
+    group.pos = [x0, y0];
+    group.size = [x1 - x0, y1 - y0];
+    app.graph.add(group);
+    app.graph.extra.info = {title: spec.title, description: spec.description};
+    return JSON.parse(JSON.stringify(app.graph.serialize()));
+}"""
+
+
+def _tidy(workflow: dict) -> dict:
+    """Sizes as [w, h] lists (the old LiteGraph serializes typed arrays as {"0": w, "1": h})."""
+    for item in workflow["nodes"] + workflow.get("groups", []):
+        for key in ("size", "pos", "bounding"):
+            value = item.get(key)
+            if isinstance(value, dict):
+                value = [value[str(i)] for i in range(len(value))]
+            if isinstance(value, list):
+                item[key] = [round(v, 1) if isinstance(v, float) else v for v in value]
+    workflow.get("extra", {}).pop("ds", None)
+    return workflow
+
+
+def build(names=None) -> list:
+    written = []
+    with tempfile.TemporaryDirectory(prefix="comfy-build-workflows-") as tmp:
+        base = prepare_base(Path(tmp))
+        with ComfyServer(base) as server, chromium_page() as page:
+            open_app(page, server.url)
+            for name, spec in WORKFLOWS.items():
+                if names and name not in names:
+                    continue
+                workflow = _tidy(page.evaluate(_BUILD_JS, spec))
+                path = OUT / f"{name}.json"
+                OUT.mkdir(exist_ok=True)
+                path.write_text(json.dumps(workflow, indent=2) + "\n")
+                written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in build(sys.argv[1:]):
+        print(p)

@@ -1,0 +1,122 @@
+"""Drive the ComfyUI web UI in headless Chromium (Debian's /usr/bin/chromium through Playwright).
+
+Playwright's own browser download cannot run here, so the system Chromium is launched with a fresh profile
+and no background network traffic.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+VIEWPORT = {"width": 1920, "height": 1080}
+MENU_WIDTH = 240  # the fork's floating queue menu sits at the right edge
+
+
+@contextmanager
+def chromium_page(viewport=VIEWPORT):
+    """A page in a fresh headless Chromium; browser and profile are removed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        with sync_playwright() as playwright:
+            context = playwright.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, viewport=viewport)
+            try:
+                page = context.pages[0] if context.pages else context.new_page()
+                page.errors = []
+                page.on("pageerror", lambda error: page.errors.append(str(error)))
+                yield page
+            finally:
+                context.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def open_app(page, url: str, wait_for_node: str = "LoadConceptErasure", timeout_ms: int = 60000) -> None:
+    """Open the UI and wait until the app has registered the server's node types (ours included)."""
+    page.goto(url)
+    page.wait_for_function(
+        "(t) => window.app && window.app.graph && window.LiteGraph && (t in LiteGraph.registered_node_types)",
+        arg=wait_for_node, timeout=timeout_ms)
+
+
+def dialog_text(page):
+    """Text of the UI's error dialog when it is showing, else None."""
+    return page.evaluate("""() => {
+        const d = document.querySelector('.comfy-modal');
+        return d && getComputedStyle(d).display !== 'none' ? d.innerText : null;
+    }""")
+
+
+def load_workflow(page, workflow: dict) -> list:
+    """Load a UI workflow as dropping the file does; returns the node types the UI does not know."""
+    return page.evaluate("""async (wf) => {
+        const missing = wf.nodes.map(n => n.type).filter(t => !(t in LiteGraph.registered_node_types));
+        await app.loadGraphData(wf);
+        return [...new Set(missing)];
+    }""", workflow)
+
+
+def set_widgets(page, overrides: dict) -> None:
+    """Set widget values as a user would in the graph: {node type or title: {widget name: value}}."""
+    unknown = page.evaluate("""(overrides) => {
+        const unknown = [];
+        for (const [target, values] of Object.entries(overrides)) {
+            const nodes = app.graph._nodes.filter(n => n.type === target || n.title === target);
+            if (!nodes.length) unknown.push(target);
+            for (const node of nodes) for (const [name, value] of Object.entries(values)) {
+                const w = (node.widgets || []).find(w => w.name === name);
+                if (!w) { unknown.push(target + '.' + name); continue; }
+                w.value = value;
+                w.callback?.(w.value, app.canvas, node);
+            }
+        }
+        app.graph.setDirtyCanvas(true, true);
+        return unknown;
+    }""", overrides)
+    if unknown:
+        raise ValueError(f"no such node or widget in the loaded graph: {unknown}")
+
+
+def graph_to_prompt(page) -> dict:
+    """What the frontend would send for the loaded graph (app.graphToPrompt().output)."""
+    return page.evaluate("async () => JSON.parse(JSON.stringify((await app.graphToPrompt()).output))")
+
+
+def queue_from_page(page) -> None:
+    page.click("#queue-button")
+
+
+def fit_graph(page) -> None:
+    """Zoom and pan so every node and group is visible left of the floating menu."""
+    page.evaluate("""(menuWidth) => {
+        const c = app.canvas, boxes = [];
+        for (const n of app.graph._nodes) boxes.push([n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT,
+                                                   n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+        for (const g of app.graph._groups || []) {
+            boxes.push([g.pos[0], g.pos[1], g.pos[0] + g.size[0], g.pos[1] + g.size[1]]);
+        }
+        if (!boxes.length) return;
+        const x0 = Math.min(...boxes.map(b => b[0])) - 20, y0 = Math.min(...boxes.map(b => b[1])) - 20;
+        const x1 = Math.max(...boxes.map(b => b[2])) + 20, y1 = Math.max(...boxes.map(b => b[3])) + 20;
+        const ratio = window.devicePixelRatio || 1;
+        const w = c.canvas.width / ratio - menuWidth, h = c.canvas.height / ratio;
+        const scale = Math.min(w / (x1 - x0), h / (y1 - y0), 1.2);
+        c.ds.scale = scale;
+        c.ds.offset[0] = -x0 + (w / scale - (x1 - x0)) / 2;
+        c.ds.offset[1] = -y0 + (h / scale - (y1 - y0)) / 2;
+        c.setDirty(true, true);
+        c.draw(true, true);
+    }""", MENU_WIDTH)
+
+
+def screenshot_graph(page, path: str) -> None:
+    fit_graph(page)
+    page.wait_for_timeout(300)
+    page.screenshot(path=path)

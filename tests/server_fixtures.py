@@ -1,0 +1,85 @@
+"""Session fixtures for the end-to-end tests: one ComfyUI base folder, one generated checkpoint, one server.
+
+The checkpoint (UNet + CLIP-L + SD VAE, random fp16 weights, ~0.5 GB) is generated once per session into a
+temporary base folder and deleted with it; the server is the real fork, started with the pack linked into
+BASE/custom_nodes and stopped at the end of the session even when tests fail.
+"""
+import json
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from comfy_server import ComfyServer, prepare_base  # noqa: E402
+from tiny_checkpoint import make_tiny_sd15_checkpoint  # noqa: E402
+
+CHECKPOINT = "tiny_sd15_random.safetensors"
+MADE_ERASURE = "made_by_hand.safetensors"
+
+
+def checkpoint_attn2_shapes(path):
+    """ModelPatcher keys and shapes of a checkpoint's cross-attention weights, read from its header."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {k[len("model."):]: tuple(v["shape"]) for k, v in header.items()
+            if k.startswith("model.diffusion_model.") and ".attn2.to_" in k and k.endswith(".weight")}
+
+
+@pytest.fixture(scope="session")
+def comfy_base():
+    base = prepare_base(Path(tempfile.mkdtemp(prefix="comfy-server-base-")))
+    make_tiny_sd15_checkpoint(str(base / "models" / "checkpoints" / CHECKPOINT))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_base):
+    server = ComfyServer(comfy_base)
+    server.start(ready_node="LoadConceptErasure")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def made_erasure(comfy_base):
+    """Name of an erasure (prompt tokens + attn2 deltas shaped for the checkpoint) in models/concept_erasure."""
+    import torch
+
+    from comfyui_concept_erasure.erasure import ConceptErasure, load_erasure, write_erasure_file
+
+    shapes = checkpoint_attn2_shapes(comfy_base / "models" / "checkpoints" / CHECKPOINT)
+    assert len(shapes) == 4 * 4  # q, k, v, out in 4 transformer blocks: input 1, middle, output 0 and 1
+    g = torch.Generator().manual_seed(0)
+    erasure = ConceptErasure(
+        context_dim=768, prompt_k=torch.randn(4, 768, generator=g), prompt_v=torch.randn(4, 768, generator=g),
+        placement="midout", prompt_at_inference=True, concepts=["cat"], method="lp",
+        deltas={k: torch.randn(s, generator=g) * 0.5 for k, s in shapes.items()}, base_model="SD15")
+    path = comfy_base / "models" / "concept_erasure" / MADE_ERASURE
+    write_erasure_file(erasure, str(path))
+    load_erasure(str(path))  # valid before the server sees it
+    return MADE_ERASURE
+
+
+@pytest.fixture(scope="session")
+def trained_erasure(comfy_server, comfy_base):
+    """The erasure train_concept_erasure.json saves (a few iterations): (file name, history entry)."""
+    from workflow_cases import run_workflow
+
+    folder = comfy_base / "models" / "concept_erasure"
+    before = {p.name for p in folder.iterdir()}
+    entry = run_workflow(comfy_server, "train_concept_erasure")
+    saved = [name for out in entry["outputs"].values() for name in out.get("erasure_files", [])]
+    assert len(saved) == 1, f"Save Concept Erasure reported {saved}"
+    new = {p.name for p in folder.iterdir()} - before
+    assert new == {saved[0]}, f"new files in models/concept_erasure: {new}"
+    return saved[0], entry

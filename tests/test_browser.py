@@ -1,0 +1,101 @@
+"""The workflows in the server's own web UI: headless Chromium loads each file, queues it from the page, waits.
+
+Screenshots of each graph as loaded (<name>.png) and after its run (<name>_ran.png) go to $SCREENSHOT_DIR, or
+the test's temporary folder. The README's pictures are refreshed with
+    SCREENSHOT_DIR=docs/screenshots .venv/bin/pytest tests/test_browser.py
+"""
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from comfy_browser import (chromium_page, dialog_text, graph_to_prompt, load_workflow, open_app, queue_from_page,
+                           screenshot_graph, set_widgets)
+from comfy_server import output_images, status_summary
+from workflow_cases import NAMES, check_images, load, overrides
+from workflow_convert import ui_to_api
+
+pytestmark = pytest.mark.skipif(os.environ.get("SKIP_BROWSER_TESTS") == "1", reason="SKIP_BROWSER_TESTS=1")
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server):
+    with chromium_page() as page:
+        open_app(page, comfy_server.url)
+        yield page
+    assert not page.errors, f"JavaScript errors in the page: {page.errors}"
+
+
+@pytest.fixture(scope="module")
+def screenshot_dir(tmp_path_factory):
+    folder = os.environ.get("SCREENSHOT_DIR")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wait_for_new_prompt(server, known, timeout=600):
+    """The history entry of the first prompt not in `known`, once it has finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [pid for pid in server.history() if pid not in known]
+        if new:
+            return server.wait(new[0], timeout=max(1, deadline - time.monotonic()))
+        time.sleep(0.5)
+    raise AssertionError("the page did not queue a prompt" + server.log_tail())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_loads_and_runs_from_the_page(name, page, comfy_server, comfy_base, trained_erasure,
+                                               screenshot_dir):
+    workflow = load(name)
+    missing = load_workflow(page, workflow)
+    assert missing == [], f"{name}: node types missing in the UI: {missing}"
+    assert dialog_text(page) is None, f"{name}: the UI showed a dialog on load: {dialog_text(page)}"
+    screenshot_graph(page, str(screenshot_dir / f"{name}.png"))  # as a user sees the file after dropping it
+
+    changes = overrides(name, trained_erasure[0])
+    if name == "train_concept_erasure":  # the API test trained with these settings; the server would reuse it
+        changes["TrainConceptErasure"]["seed"] = 1
+    set_widgets(page, changes)
+    # The converter the other tests use gives exactly what the frontend sends.
+    assert graph_to_prompt(page) == ui_to_api(workflow, comfy_server.object_info(), changes)
+
+    erasures = comfy_base / "models" / "concept_erasure"
+    files_before, known = set(erasures.iterdir()), set(comfy_server.history())
+    queue_from_page(page)
+    entry = wait_for_new_prompt(comfy_server, known)
+    assert entry["status"]["status_str"] == "success", f"{name}: {status_summary(entry)}" + comfy_server.log_tail()
+    assert dialog_text(page) is None, f"{name}: the UI showed a dialog: {dialog_text(page)}"
+    check_images(output_images(entry, comfy_base / "output"), name)
+    if name == "train_concept_erasure":
+        assert len(set(erasures.iterdir()) - files_before) == 1
+    page.wait_for_timeout(500)  # let the page draw the images it was sent
+    screenshot_graph(page, str(screenshot_dir / f"{name}_ran.png"))
+
+
+def test_cancel_from_the_queue_stops_training_and_writes_nothing(page, comfy_server, comfy_base):
+    workflow = load("train_concept_erasure")
+    assert load_workflow(page, workflow) == []
+    changes = overrides("train_concept_erasure")
+    changes["TrainConceptErasure"].update(iterations=100000, seed=2)  # far longer than the test waits
+    set_widgets(page, changes)
+    trainer_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "TrainConceptErasure")
+
+    erasures = comfy_base / "models" / "concept_erasure"
+    files_before, known = set(erasures.iterdir()), set(comfy_server.history())
+    queue_from_page(page)
+    # Training has started once the page shows the trainer running with progress past its first iteration.
+    page.wait_for_function("(id) => app.runningNodeId == id && app.progress && app.progress.value >= 1",
+                           arg=trainer_id, timeout=300_000)
+    page.click("#comfy-view-queue-button")
+    page.click(".comfy-list button:text-is('Cancel')")
+    entry = wait_for_new_prompt(comfy_server, known, timeout=120)
+
+    assert entry["status"]["status_str"] == "error"
+    interrupted = [m for kind, m in entry["status"]["messages"] if kind == "execution_interrupted"]
+    assert interrupted and interrupted[0]["node_type"] == "TrainConceptErasure", entry["status"]["messages"]
+    assert set(erasures.iterdir()) == files_before, "a cancelled training run left files behind"
+    assert dialog_text(page) is None
+    page.click("#comfy-view-queue-button")  # close the queue list again

@@ -1,0 +1,72 @@
+"""Each shared workflow, converted from UI format to an API prompt, runs on the real server."""
+import json
+
+import pytest
+from safetensors import safe_open
+
+from comfy_server import output_images
+from workflow_cases import NAMES, check_images, load, node_types, run_workflow
+from workflow_convert import WorkflowError, ui_to_api
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.object_info()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_files_are_ui_format_with_a_description(name):
+    workflow = load(name)
+    assert {"last_node_id", "last_link_id", "nodes", "links", "groups", "version"} <= set(workflow)
+    for link in workflow["links"]:
+        assert len(link) == 6
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert notes and len(notes[0]["widgets_values"][0]) > 100, f"{name} has no note for newcomers"
+    assert workflow["extra"]["info"]["title"] and workflow["groups"][0]["title"]
+    ckpt = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    assert ckpt[0]["widgets_values"] == ["v1-5-pruned-emaonly.safetensors"]
+
+
+def test_train_workflow_saves_an_erasure_with_metadata_and_a_loss_curve(trained_erasure, comfy_base):
+    name, entry = trained_erasure
+    workflow = load("train_concept_erasure")
+    trainer = next(n for n in workflow["nodes"] if n["type"] == "TrainConceptErasure")
+    concept = trainer["widgets_values"][-1]  # concept_label, the last widget
+    with safe_open(str(comfy_base / "models" / "concept_erasure" / name), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert concept == "Van Gogh" and json.loads(meta["concepts"]) == [concept]
+    assert meta["method"] and json.loads(meta["settings"])["iterations"] == 2
+    assert meta["context_dim"] == "768"
+    assert keys, "the erasure file holds no tensors"
+    previews = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert previews, "no loss-curve preview was produced"
+
+
+@pytest.mark.parametrize("name", ["apply_concept_erasure", "compare_before_after", "recover_with_key"])
+def test_workflow_runs_with_the_trained_erasure(name, comfy_server, comfy_base, object_info, trained_erasure):
+    entry = run_workflow(comfy_server, name, trained_erasure[0])
+    check_images(output_images(entry, comfy_base / "output"), name)
+
+
+def test_converter_refuses_a_missing_node_type(object_info):
+    workflow = load("apply_concept_erasure")
+    workflow["nodes"][1]["type"] = "NoSuchNode"
+    with pytest.raises(WorkflowError, match="NoSuchNode"):
+        ui_to_api(workflow, object_info)
+
+
+def test_converter_refuses_widget_values_that_do_not_fit_the_node(object_info):
+    workflow = load("apply_concept_erasure")
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    sampler["widgets_values"] = sampler["widgets_values"][:-1]
+    with pytest.raises(WorkflowError, match="KSampler"):
+        ui_to_api(workflow, object_info)
+
+
+@pytest.mark.parametrize("name", ["compare_before_after", "recover_with_key"])
+def test_converter_keeps_seed_and_drops_its_control_value(name, object_info):
+    prompt = ui_to_api(load(name), object_info)
+    seeded = [p["inputs"] for p in prompt.values() if "seed" in p["inputs"]]
+    assert seeded and all(s["seed"] == 42 and "control_after_generate" not in s for s in seeded)
+    assert node_types(load(name)) - {"Note"} == {p["class_type"] for p in prompt.values()}

@@ -1,0 +1,74 @@
+"""The shared workflow files, and how the tests run them cheaply.
+
+The files keep real defaults (512 px, 25 steps, a real SD1.5 checkpoint name, a full training run); the tests
+change only these values, the way a user would in the UI: the generated checkpoint, 64 px images, 2 sampling
+steps, and a training run of a few iterations.
+"""
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from server_fixtures import CHECKPOINT
+from workflow_convert import ui_to_api
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+NAMES = ("train_concept_erasure", "apply_concept_erasure", "compare_before_after", "recover_with_key")
+SIZE = 64
+
+FAST = {
+    "CheckpointLoaderSimple": {"ckpt_name": CHECKPOINT},
+    "EmptyLatentImage": {"width": SIZE, "height": SIZE},
+    "KSampler": {"steps": 2},
+}
+FAST_TRAINING = {"iterations": 2, "sampling_steps": 2, "resolution": 64}
+
+
+def load(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+def node_types(workflow: dict) -> set:
+    return {n["type"] for n in workflow["nodes"]}
+
+
+def overrides(name: str, erasure_name: str = None) -> dict:
+    """{node type: {widget: value}} for running `name` in a test."""
+    changes = {k: dict(v) for k, v in FAST.items()}
+    types = node_types(load(name))
+    if "TrainConceptErasure" in types:
+        changes["TrainConceptErasure"] = dict(FAST_TRAINING)
+    if "LoadConceptErasure" in types:
+        changes["LoadConceptErasure"] = {"erasure_name": erasure_name}
+    if "ConceptErasureReport" in types:
+        changes["ConceptErasureReport"] = {"width": SIZE, "height": SIZE, "steps": 2}
+    return {k: v for k, v in changes.items() if k in types}
+
+
+# What each workflow must save: image sizes (width, height) of its SaveImage outputs. The report's grid is
+# 2 x 2 images (original | erased, for 2 prompts) with a white gap of max(1, width // 64) pixels between them.
+GRID = 2 * SIZE + max(1, SIZE // 64)
+EXPECTED_IMAGES = {
+    "train_concept_erasure": [],
+    "apply_concept_erasure": [(SIZE, SIZE)],
+    "compare_before_after": [(GRID, GRID)],
+    "recover_with_key": [(SIZE, SIZE), (SIZE, SIZE)],
+}
+
+
+def check_images(paths, name):
+    """Each saved image exists, has the expected size and is not a flat colour."""
+    sizes = []
+    for path in paths:
+        assert Path(path).is_file(), f"{name}: the server reported {path}, which does not exist"
+        with Image.open(path) as image:
+            sizes.append(image.size)
+            low, high = zip(*image.convert("RGB").getextrema())
+            assert max(high) - min(low) > 10, f"{name}: {path} is a flat image"
+    assert sorted(sizes) == sorted(EXPECTED_IMAGES[name]), f"{name}: saved image sizes {sizes}"
+
+
+def run_workflow(server, name, erasure_name=None, timeout=600):
+    """Convert `name` with the test overrides, run it, and return its history entry (status success)."""
+    prompt = ui_to_api(load(name), server.object_info(), overrides(name, erasure_name))
+    return server.run(prompt, timeout=timeout)
