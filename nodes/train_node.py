@@ -1,0 +1,116 @@
+"""Train Concept Erasure: a thin node over trainer/."""
+from __future__ import annotations
+
+from ..erasure import apply_erasure
+from ..erasure.concept_erasure import PLACEMENTS
+from ..trainer import DTYPES, METHODS, TrainSettings, draw_loss_curves, train_erasure
+from .types import CATEGORY, CONCEPT_ERASURE
+
+_DEFAULTS = TrainSettings()
+
+
+def _int(default, low, high, tip, step=1):
+    return ("INT", {"default": default, "min": low, "max": high, "step": step, "tooltip": tip})
+
+
+def _float(default, low, high, step, tip):
+    return ("FLOAT", {"default": default, "min": low, "max": high, "step": step, "tooltip": tip})
+
+
+class TrainConceptErasure:
+    DESCRIPTION = (
+        "Erases a concept from a model by training, inside ComfyUI. The frozen model gives ESD targets (the "
+        "concept's noise prediction pushed away from it by negative guidance) on images the model itself generates "
+        "for the concept. Method lp (default) learns a prompt that absorbs the concept while cross-attention weight "
+        "deltas remove it: the erased model hides the concept, and the prompt is the key that recovers it (Recover "
+        "Erased Concept). lp_attached keeps the prompt at inference; esd_x and esd_u are the ESD baselines. Returns "
+        "the erased model (the input is unchanged), the erasure for Save Concept Erasure, and the loss curves. "
+        "Cancel with the queue's cancel button: nothing is written.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", CONCEPT_ERASURE, "IMAGE")
+    RETURN_NAMES = ("model", "erasure", "loss_curves")
+    OUTPUT_TOOLTIPS = (
+        "The input model with the erasure applied (as Apply Concept Erasure would), ready for a KSampler.",
+        "The trained erasure: prompt tokens, weight deltas and settings; save it with Save Concept Erasure.",
+        "Loss per term (erase, key, preserve) over the iterations, log scale.",
+    )
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = _DEFAULTS
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The SD1.x, SD2.x or SDXL model to erase the concept from. It is not "
+                                               "changed; it is also the frozen teacher."}),
+                "concept": ("CONDITIONING", {"tooltip": "What to erase: CLIP Text Encode of the concept (e.g. 'Van "
+                                                        "Gogh'). Several concepts: Conditioning (Combine)."}),
+                "unconditional": ("CONDITIONING", {"tooltip": "CLIP Text Encode of the empty prompt, with the same "
+                                                              "CLIP."}),
+                "method": (list(METHODS), {"default": d.method, "tooltip":
+                           "lp: learnable prompt hidden at inference (it is the key); lp_attached: prompt kept at "
+                           "inference; esd_x: ESD on cross-attention weights; esd_u: ESD on all other weights "
+                           "(needs rank > 0)."}),
+                "iterations": _int(d.iterations, 1, 100000, "Training iterations (optimizer steps)."),
+                "learning_rate": _float(d.learning_rate, 1e-8, 1.0, 1e-7,
+                                        "Adam learning rate of the weight deltas. 1e-5 suits full deltas (rank 0, the "
+                                        "ESD setting); LoRA factors (rank > 0) learn slower: use about 1e-4 there."),
+                "prompt_learning_rate": _float(d.prompt_learning_rate, 1e-8, 1.0, 1e-7,
+                                               "Adam learning rate of the prompt tokens (lp methods)."),
+                "negative_guidance": _float(d.negative_guidance, 0.0, 10.0, 0.1,
+                                            "eta in the ESD target e0 - eta (e_c - e0): how far the concept's "
+                                            "prediction is pushed away from the concept."),
+                "prompt_tokens": _int(d.prompt_tokens, 1, 77, "Number of learnable prompt tokens m (lp methods)."),
+                "placement": (list(PLACEMENTS), {"default": d.placement, "tooltip":
+                              "Cross-attention blocks that receive the prompt tokens: mid (middle block), midout "
+                              "(middle and output blocks) or all."}),
+                "erase_weight": _float(d.erase_weight, 0.0, 100.0, 0.01, "Weight of the erase (ESD) term."),
+                "key_weight": _float(d.key_weight, 0.0, 100.0, 0.01,
+                                     "Weight of the key term (lp only): the erased model with the prompt attached "
+                                     "must still produce the concept."),
+                "preserve_weight": _float(d.preserve_weight, 0.0, 100.0, 0.01,
+                                          "Weight of the preserve term; used only when preserve is connected."),
+                "sampling_steps": _int(d.sampling_steps, 1, 1000,
+                                       "Steps of the Euler (DDIM) schedule used to generate the training images x_t."),
+                "sampling_cfg": _float(d.sampling_cfg, 0.0, 30.0, 0.1, "CFG used to generate the training images."),
+                "trajectory_refresh": _int(d.trajectory_refresh, 1, 100000,
+                                           "Iterations between new training trajectories. 1 samples fresh images "
+                                           "every iteration (like ESD, slow); larger reuses them (much faster)."),
+                "batch_size": _int(d.batch_size, 1, 64, "Training pairs (x_t, t) per iteration; also the number "
+                                                        "of trajectories sampled per refresh."),
+                "resolution": _int(d.resolution, 0, 2048, "Image size of the training latents in pixels; 0 = 512 "
+                                                          "(SD1.x/SD2.x) or 1024 (SDXL).", step=8),
+                "seed": _int(d.seed, 0, 0xFFFFFFFFFFFFFFFF,
+                             "Seed of every random draw; same seed, same result on CPU."),
+                "rank": _int(d.rank, 0, 1024, "0 = full weight deltas; > 0 = LoRA factors of this rank (required "
+                                              "for esd_u)."),
+                "dtype": (list(DTYPES), {"default": d.dtype, "tooltip":
+                          "Compute precision: auto = bf16 autocast on GPU (fp16 if bf16 is missing), fp32 on CPU; "
+                          "fp32 = no autocast (the model's own dtype)."}),
+                "concept_label": ("STRING", {"default": "", "multiline": False, "tooltip":
+                                  "Name of the erased concept, stored in the erasure file (conditioning carries no "
+                                  "text). Several concepts: one per line."}),
+            },
+            "optional": {
+                "preserve": ("CONDITIONING", {"tooltip": "Concepts to keep unchanged (Conditioning (Combine) for "
+                                                         "several): their predictions are held to the original."}),
+            },
+        }
+
+    def train(self, model, concept, unconditional, method, iterations, learning_rate, prompt_learning_rate,
+              negative_guidance, prompt_tokens, placement, erase_weight, key_weight, preserve_weight, sampling_steps,
+              sampling_cfg, trajectory_refresh, batch_size, resolution, seed, rank, dtype, concept_label="",
+              preserve=None):
+        settings = TrainSettings(
+            method=method, iterations=iterations, learning_rate=learning_rate,
+            prompt_learning_rate=prompt_learning_rate, negative_guidance=negative_guidance,
+            prompt_tokens=prompt_tokens, placement=placement, erase_weight=erase_weight, key_weight=key_weight,
+            preserve_weight=preserve_weight, sampling_steps=sampling_steps, sampling_cfg=sampling_cfg,
+            trajectory_refresh=trajectory_refresh, batch_size=batch_size, resolution=resolution, seed=seed,
+            rank=rank, dtype=dtype)
+        result = train_erasure(model, concept, unconditional, preserve, settings, concept_label)
+        return (apply_erasure(model, result.erasure), result.erasure, draw_loss_curves(result.losses))
+
+
+NODE_CLASS_MAPPINGS = {"TrainConceptErasure": TrainConceptErasure}
+NODE_DISPLAY_NAME_MAPPINGS = {"TrainConceptErasure": "Train Concept Erasure"}

@@ -1,0 +1,79 @@
+"""The Train Concept Erasure node as ComfyUI calls it: its MODEL is the core Apply path, and the erasure it
+returns saves, loads and applies to a fresh model with the same result."""
+import dataclasses
+import datetime
+import json
+
+import torch
+
+import comfyui_concept_erasure
+from comfyui_concept_erasure.erasure import PACK_VERSION, apply_erasure
+from comfyui_concept_erasure.nodes.erasure_nodes import ApplyConceptErasure, LoadConceptErasure, SaveConceptErasure
+from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
+from comfyui_concept_erasure.nodes.types import CATEGORY
+from comfyui_concept_erasure.trainer import TrainSettings
+from tiny_models import build_model, predict
+
+
+def node_inputs(**overrides):
+    """Every widget at its declared default, then the overrides (as the server would fill them)."""
+    required = TrainConceptErasure.INPUT_TYPES()["required"]
+    values = {name: spec[1]["default"] for name, spec in required.items() if "default" in spec[1]}
+    values.update(overrides)
+    return values
+
+
+def cond(seed):
+    return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+def test_node_is_registered_with_tooltips_and_the_issue_defaults():
+    assert comfyui_concept_erasure.NODE_CLASS_MAPPINGS["TrainConceptErasure"] is TrainConceptErasure
+    assert comfyui_concept_erasure.NODE_DISPLAY_NAME_MAPPINGS["TrainConceptErasure"] == "Train Concept Erasure"
+    assert TrainConceptErasure.CATEGORY == CATEGORY
+    spec = TrainConceptErasure.INPUT_TYPES()
+    for section in spec.values():
+        for name, (_, options) in section.items():
+            assert options.get("tooltip"), name
+    assert spec["required"]["method"][0] == ["lp", "lp_attached", "esd_x", "esd_u"]
+    defaults = node_inputs()
+    assert {k: defaults[k] for k in ("method", "iterations", "learning_rate", "negative_guidance", "prompt_tokens",
+                                     "placement", "erase_weight", "key_weight", "sampling_steps", "sampling_cfg",
+                                     "batch_size", "rank", "dtype")} == {
+        "method": "lp", "iterations": 1000, "learning_rate": 1e-5, "negative_guidance": 1.0, "prompt_tokens": 10,
+        "placement": "mid", "erase_weight": 1.0, "key_weight": 0.1, "sampling_steps": 50, "sampling_cfg": 3.0,
+        "batch_size": 1, "rank": 0, "dtype": "auto"}
+    assert "preserve" in spec["optional"]
+    assert len(TrainConceptErasure.OUTPUT_TOOLTIPS) == len(TrainConceptErasure.RETURN_TYPES) == 3
+    # every setting the trainer has is a node input, so the file's settings describe the node's run
+    assert {f.name for f in dataclasses.fields(TrainSettings)} <= set(spec["required"])
+
+
+def test_trained_erasure_saves_loads_and_applies_to_a_fresh_model_identically(models_dir):
+    model = build_model("sd15", seed=0)
+    inputs = node_inputs(model=model, concept=cond(1), unconditional=cond(2), iterations=4, sampling_steps=4,
+                         resolution=128, learning_rate=1e-4, prompt_tokens=3, concept_label="a red cube\nits shadow",
+                         seed=11)
+    with torch.inference_mode():
+        erased, erasure, curves = TrainConceptErasure().train(**inputs)
+        ui = SaveConceptErasure().save(erasure, "concept_erasure/trained")["ui"]
+        (loaded,) = LoadConceptErasure().load(ui["erasure_files"][0])
+        fresh = build_model("sd15", seed=0)
+        (reapplied,) = ApplyConceptErasure().apply(fresh, loaded, 1.0)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    context = cond(1)[0][0].expand(2, -1, -1)
+    out = predict(erased, x, 2.0, context)
+    assert torch.equal(out, predict(apply_erasure(model, erasure), x, 2.0, context))
+    assert torch.equal(out, predict(reapplied, x, 2.0, context))
+    assert not torch.allclose(out, predict(model, x, 2.0, context), atol=1e-6)
+    assert curves.shape == (1, 384, 768, 3)
+
+    for trained in (erasure, loaded):
+        assert trained.concepts == ["a red cube", "its shadow"]
+        assert trained.method == "lp" and trained.base_model == "SD15" and trained.pack_version == PACK_VERSION
+        assert trained.settings["iterations"] == 4 and trained.settings["seed"] == 11
+        assert set(trained.settings) == {f.name for f in dataclasses.fields(TrainSettings)}
+        created = datetime.datetime.fromisoformat(trained.created)
+        assert created.tzinfo is not None and abs(datetime.datetime.now(datetime.timezone.utc) - created).seconds < 600
+    json.dumps(loaded.settings)
+    assert torch.equal(loaded.prompt_k, erasure.prompt_k)

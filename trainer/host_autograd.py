@@ -1,0 +1,107 @@
+"""Making a ComfyUI model trainable for a while, and leaving it as it was.
+
+Two host facts (see HOST.md, traps 1 and 2):
+- nodes run under torch.inference_mode(), so weights loaded by a node are inference tensors that autograd
+  refuses even when frozen; they are swapped, one at a time, for ordinary tensors with the same values;
+- some hosts (the PyPI fork) add transformer residuals in place after LayerNorm saved its input, which breaks
+  backward. That is detected by one tiny backward through a real block, and only then shimmed with forward
+  pre-hooks that hand the norms a copy of their input. The hooks are removed when training ends.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator, List
+
+import torch
+
+from ..erasure.concept_erasure import ErasureError
+
+log = logging.getLogger(__name__)
+
+_NORMS = ("norm_in", "norm1", "norm2", "norm3")
+
+
+def replace_inference_tensors(module: torch.nn.Module) -> int:
+    """Swap inference-mode parameters and buffers for ordinary clones (same values). Call outside inference mode."""
+    swapped = 0
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.is_inference():
+                sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                swapped += 1
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.is_inference():
+                sub._buffers[name] = buf.clone()
+                swapped += 1
+    return swapped
+
+
+def _transformer_blocks(unet: torch.nn.Module) -> List[torch.nn.Module]:
+    return [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+
+
+def residuals_break_backward(unet: torch.nn.Module) -> bool:
+    """True when a backward through one of the host's transformer blocks fails because of in-place residuals."""
+    blocks = _transformer_blocks(unet)
+    if not blocks:
+        return False
+    block = blocks[0]
+    weight = next(block.parameters())
+    dim = block.norm1.normalized_shape[0]
+    context_dim = block.attn2.to_k.in_features if getattr(block, "attn2", None) is not None else dim
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, dim, generator=gen).to(weight.device, weight.dtype).requires_grad_(True)
+    context = torch.randn(1, 2, context_dim, generator=gen).to(weight.device, weight.dtype)
+    try:
+        with torch.enable_grad():
+            block(x * 1.0, context=context, transformer_options={}).float().sum().backward()
+    except RuntimeError as e:
+        if "inplace" in str(e):
+            return True
+        raise
+    return False
+
+
+def _copy_input(module, args):
+    return (args[0].clone(),) + tuple(args[1:])
+
+
+def install_residual_shim(unet: torch.nn.Module) -> List[torch.utils.hooks.RemovableHandle]:
+    handles = []
+    for block in _transformer_blocks(unet):
+        for name in _NORMS:
+            norm = getattr(block, name, None)
+            if isinstance(norm, torch.nn.Module):
+                handles.append(norm.register_forward_pre_hook(_copy_input))
+    return handles
+
+
+@contextlib.contextmanager
+def trainable_model(base_model: torch.nn.Module) -> Iterator[bool]:
+    """Inside inference_mode(False): frozen, autograd-ready weights, with the in-place shim when the host needs it.
+
+    Yields whether the shim was installed. Afterwards the hooks are gone and requires_grad is as before;
+    the swapped tensors stay (same values) so no second copy of the weights is ever held.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("trainable_model must be entered inside torch.inference_mode(False)")
+    flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
+    replace_inference_tensors(base_model)
+    base_model.requires_grad_(False)
+    handles: List[torch.utils.hooks.RemovableHandle] = []
+    try:
+        unet = base_model.diffusion_model
+        if residuals_break_backward(unet):
+            handles = install_residual_shim(unet)
+            log.info("concept erasure: this ComfyUI adds transformer residuals in place; shimmed %d norms for "
+                     "training", len(handles))
+            if residuals_break_backward(unet):
+                raise ErasureError("this ComfyUI version modifies tensors in place inside its transformer blocks "
+                                   "in a way the trainer cannot work around; backward is impossible")
+        yield bool(handles)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, p in base_model.named_parameters():
+            p.requires_grad_(flags.get(name, False))

@@ -1,0 +1,68 @@
+"""Loss curves per term, drawn with Pillow into a ComfyUI IMAGE ([1, H, W, 3] float in 0..1)."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS = {"erase": (220, 60, 50), "key": (40, 110, 220), "preserve": (30, 150, 70), "total": (90, 90, 90)}
+_FALLBACK = [(160, 80, 180), (200, 140, 20), (20, 160, 170)]
+
+
+def _smooth(values: List[float], window: int) -> List[float]:
+    if window <= 1 or len(values) <= window:
+        return values
+    kernel = np.ones(window) / window
+    padded = np.concatenate([np.full(window - 1, values[0]), np.asarray(values, dtype=np.float64)])
+    return np.convolve(padded, kernel, mode="valid").tolist()
+
+
+def draw_loss_curves(losses: Dict[str, List[float]], width: int = 768, height: int = 384) -> torch.Tensor:
+    """One line per term (log10 scale when every value is positive), lightly smoothed, with a legend."""
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    left, right, top, bottom = 64, 16, 28, 36
+    plot_w, plot_h = width - left - right, height - top - bottom
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(0, 0, 0))
+    series = {k: [v for v in vals if math.isfinite(v)] for k, vals in losses.items() if vals}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        draw.text((left + 8, top + 8), "no losses recorded", fill=(0, 0, 0), font=font)
+        return _to_tensor(image)
+    log_scale = all(v > 0 for vals in series.values() for v in vals)
+    transform = (lambda v: math.log10(v)) if log_scale else (lambda v: v)
+    steps = max(len(v) for v in series.values())
+    window = max(1, steps // 50)
+    smoothed = {k: [transform(v) for v in _smooth(vals, window)] for k, vals in series.items()}
+    low = min(min(v) for v in smoothed.values())
+    high = max(max(v) for v in smoothed.values())
+    if high - low < 1e-12:
+        low, high = low - 0.5, high + 0.5
+
+    def point(i, v):
+        x = left + (i / max(1, steps - 1)) * plot_w
+        y = top + (1 - (v - low) / (high - low)) * plot_h
+        return x, y
+
+    for index, (name, values) in enumerate(smoothed.items()):
+        color = COLORS.get(name, _FALLBACK[index % len(_FALLBACK)])
+        if len(values) == 1:
+            x, y = point(0, values[0])
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        else:
+            draw.line([point(i, v) for i, v in enumerate(values)], fill=color, width=2)
+        draw.text((left + 8 + 110 * index, 8), f"{name} {series[name][-1]:.3g}", fill=color, font=font)
+    label = (lambda v: f"1e{v:.1f}") if log_scale else (lambda v: f"{v:.3g}")
+    draw.text((4, top - 6), label(high), fill=(0, 0, 0), font=font)
+    draw.text((4, top + plot_h - 6), label(low), fill=(0, 0, 0), font=font)
+    draw.text((left, top + plot_h + 8), "iteration 1", fill=(0, 0, 0), font=font)
+    draw.text((left + plot_w - 80, top + plot_h + 8), f"iteration {steps}", fill=(0, 0, 0), font=font)
+    return _to_tensor(image)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)

@@ -1,0 +1,104 @@
+"""Every training setting in one place, checked before anything is loaded or trained."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict
+
+from ..erasure.concept_erasure import PLACEMENTS, ErasureError
+
+METHODS = ("lp", "lp_attached", "esd_x", "esd_u")
+PROMPT_METHODS = ("lp", "lp_attached")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+MAX_SAMPLING_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What one training run does; to_dict() is stored in the erasure file as its settings."""
+
+    method: str = "lp"
+    iterations: int = 1000
+    learning_rate: float = 1e-5
+    prompt_learning_rate: float = 1e-3
+    negative_guidance: float = 1.0
+    prompt_tokens: int = 10
+    placement: str = "mid"
+    erase_weight: float = 1.0
+    key_weight: float = 0.1
+    preserve_weight: float = 1.0
+    sampling_steps: int = 50
+    sampling_cfg: float = 3.0
+    trajectory_refresh: int = 25
+    batch_size: int = 1
+    resolution: int = 0
+    seed: int = 0
+    rank: int = 0
+    dtype: str = "auto"
+
+    @property
+    def uses_prompt(self) -> bool:
+        return self.method in PROMPT_METHODS
+
+    @property
+    def trains_key(self) -> bool:
+        """The key term (the model with the prompt reproduces the concept) exists only for `lp`."""
+        return self.method == "lp" and self.key_weight > 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "TrainSettings":
+        _choice("method", self.method, METHODS)
+        _choice("placement", self.placement, PLACEMENTS)
+        _choice("dtype", self.dtype, DTYPES)
+        _at_least("iterations", self.iterations, 1)
+        _at_least("sampling_steps", self.sampling_steps, 1)
+        if self.sampling_steps > MAX_SAMPLING_STEPS:
+            raise ErasureError(f"sampling_steps must be at most {MAX_SAMPLING_STEPS} (the model's timesteps), "
+                               f"got {self.sampling_steps}")
+        _at_least("trajectory_refresh", self.trajectory_refresh, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("rank", self.rank, 0)
+        _at_least("seed", self.seed, 0)
+        if self.uses_prompt:
+            _at_least("prompt_tokens", self.prompt_tokens, 1)
+            _positive("prompt_learning_rate", self.prompt_learning_rate)
+        _positive("learning_rate", self.learning_rate)
+        for name in ("negative_guidance", "sampling_cfg"):
+            _finite(name, getattr(self, name))
+        for name in ("erase_weight", "key_weight", "preserve_weight"):
+            _finite(name, getattr(self, name))
+            if getattr(self, name) < 0:
+                raise ErasureError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.erase_weight == 0 and not self.trains_key:
+            raise ErasureError("erase_weight is 0 and there is no key term: nothing would be trained")
+        if self.resolution != 0 and (self.resolution < 64 or self.resolution % 8):
+            raise ErasureError(f"resolution must be 0 (the model's usual size) or a multiple of 8 from 64, "
+                               f"got {self.resolution}")
+        if self.method == "esd_u" and self.rank == 0:
+            raise ErasureError("esd_u trains almost every weight of the UNet; full deltas would be as large as the "
+                               "model. Set rank > 0 (e.g. 8) to train LoRA factors instead")
+        return self
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ErasureError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _at_least(name, value, low):
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ErasureError(f"{name} must be an integer of at least {low}, got {value!r}")
+
+
+def _finite(name, value):
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ErasureError(f"{name} must be a finite number, got {value!r}")
+
+
+def _positive(name, value):
+    _finite(name, value)
+    if value <= 0:
+        raise ErasureError(f"{name} must be greater than 0, got {value}")

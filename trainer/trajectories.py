@@ -1,0 +1,73 @@
+"""x_t for training, the ESD way (sampled by the model being trained, prompted with the concept at some CFG),
+but paid for once per `trajectory_refresh` iterations instead of every iteration.
+
+A refresh samples whole Euler trajectories (Euler on comfy's sigma-parameterised ODE is deterministic DDIM) over
+the sampling_steps schedule and keeps every intermediate x. A training pair picks a trajectory, a step, and a
+discrete timestep t inside that step's range; x_t is the point of that Euler step at sigma(t), so x_t and t
+always match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Sequence
+
+import torch
+
+from .conditioning import Cond, stack
+from .denoiser import Denoiser
+
+
+@dataclass
+class TrajectoryPool:
+    xs: torch.Tensor              # [steps + 1, n, C, H, W], x at each schedule sigma (the last at sigma 0)
+    timesteps: torch.Tensor       # [steps] discrete timestep of each step start (CPU, long)
+    sigmas: torch.Tensor          # [steps + 1] sigma of each point (CPU)
+    all_sigmas: torch.Tensor      # [T] the model's sigma for every discrete timestep (CPU)
+    concept_index: List[int]      # which concept entry prompted each trajectory
+
+    def draw(self, count: int, generator: torch.Generator):
+        """count training pairs: (x_t [count, C, H, W] on the device, sigma [count] on the device, concept indices)."""
+        steps, n = self.timesteps.shape[0], self.xs.shape[1]
+        traj = torch.randint(n, (count,), generator=generator)
+        step = torch.randint(steps, (count,), generator=generator)
+        high = self.timesteps[step]
+        low = torch.where(step + 1 < steps, self.timesteps[(step + 1).clamp(max=steps - 1)], torch.full_like(high, -1))
+        span = (high - low).clamp(min=1)
+        offset = (torch.rand(count, generator=generator) * span).long().clamp(max=span - 1)
+        t = high - offset
+        sigma = self.all_sigmas[t]
+        start, end = self.sigmas[step], self.sigmas[step + 1]
+        weight = ((start - sigma) / (start - end)).to(self.xs.device)
+        x0, x1 = self.xs[step, traj], self.xs[step + 1, traj]
+        x_t = x0 + weight.view(-1, 1, 1, 1) * (x1 - x0)
+        return x_t, sigma.to(self.xs.device), [self.concept_index[i] for i in traj.tolist()]
+
+
+def sample_trajectories(denoiser: Denoiser, concepts: Sequence[Cond], unconditional: Cond, concept_index: List[int],
+                        latent_shape, timesteps: torch.Tensor, sigmas: torch.Tensor, all_sigmas: torch.Tensor,
+                        cfg: float, generator: torch.Generator, *, prompt: bool,
+                        check_interrupt: Callable[[], None]) -> TrajectoryPool:
+    """Sample len(concept_index) trajectories at once with the current student (cond + uncond in one batch)."""
+    n = len(concept_index)
+    device = denoiser.device
+    x = torch.randn((n, *latent_shape), generator=generator).to(device) * float(sigmas[0])
+    use_uncond = cfg != 1.0
+    cond = stack([concepts[j] for j in concept_index] + ([unconditional] * n if use_uncond else []))
+    cond_or_uncond = [0, 1] if use_uncond else [0]
+    points = [x]
+    with torch.no_grad():
+        for i in range(timesteps.shape[0]):
+            check_interrupt()
+            batch = torch.cat([x, x]) if use_uncond else x
+            sigma = torch.full((batch.shape[0],), float(sigmas[i]), device=device)
+            denoised = denoiser.denoised(batch, sigma, cond, deltas=True, prompt=prompt,
+                                         cond_or_uncond=cond_or_uncond).float()
+            if use_uncond:
+                positive, negative = denoised.chunk(2)
+                denoised = negative + cfg * (positive - negative)
+            if float(sigmas[i + 1]) == 0.0:
+                x = denoised
+            else:
+                x = x + (x - denoised) / float(sigmas[i]) * float(sigmas[i + 1] - sigmas[i])
+            points.append(x)
+    return TrajectoryPool(torch.stack(points), timesteps, sigmas, all_sigmas, list(concept_index))
