@@ -2,6 +2,9 @@
 
 ComfyUI imports this package from custom_nodes/ and reads the two mappings below.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+# pytest, collecting a checkout whose folder name is not an identifier, imports this file as a lone module
+# (no package, so no relative imports); tests/conftest.py imports the pack properly.
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
