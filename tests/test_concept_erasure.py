@@ -30,17 +30,20 @@ def attn2_deltas(model, seed=5, scale=0.05):
     return {k: torch.randn(state[k].shape, generator=g) * scale for k in keys}
 
 
-def capture_attn2(patcher, names):
-    """Forward hooks recording each attn2's input x, its context/value, and its output."""
+def run_and_capture_attn2(patcher, names, x, context):
+    """Run the patched model once, recording each named attn2's input x, its context/value, and its output."""
     records, handles = {}, []
     for name in names:
-        module = patcher.model.get_submodule(name)
-
         def hook(mod, args, kwargs, output, name=name):
             records[name] = dict(x=args[0].detach().clone(), context=kwargs.get("context"),
                                  value=kwargs.get("value"), out=output.detach().clone())
-        handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    return records, handles
+        handles.append(patcher.model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+    try:
+        predict(patcher, x, 1.0, context)
+    finally:
+        for h in handles:
+            h.remove()
+    return records
 
 
 def reference_attention(attn, x, keys_context, values_context):
@@ -66,12 +69,7 @@ def test_prompt_patch_equals_attention_computed_by_hand():
     erasure = ConceptErasure(context_dim=d, prompt_k=p_k, prompt_v=p_v, placement="mid", prompt_at_inference=True)
     patched = apply_erasure(model, erasure)
     x, context = inputs("sd15")
-    records, handles = capture_attn2(patched, [MID_ATTN])
-    try:
-        predict(patched, x, 1.0, context)
-    finally:
-        for h in handles:
-            h.remove()
+    records = run_and_capture_attn2(patched, [MID_ATTN], x, context)
     rec = records[MID_ATTN]
     attn = patched.model.get_submodule(MID_ATTN)
     expand = lambda t: t.unsqueeze(0).expand(x.shape[0], -1, -1)  # noqa: E731
@@ -92,13 +90,8 @@ def test_placement_selects_blocks(placement, patched_blocks):
                              placement=placement, prompt_at_inference=True)
     patched = apply_erasure(model, erasure)
     names = list(cross_attention_layers(model))
-    records, handles = capture_attn2(patched, names)
     x, context = inputs("sd15")
-    try:
-        predict(patched, x, 1.0, context)
-    finally:
-        for h in handles:
-            h.remove()
+    records = run_and_capture_attn2(patched, names, x, context)
     for name in names:
         block = name.split(".")[1].split("_")[0]
         expected_len = 77 + m if block in patched_blocks else 77
@@ -120,13 +113,8 @@ def test_prompt_patch_composes_with_another_attn2_patch():
     p_k, p_v = tokens(m, d)
     erasure = ConceptErasure(context_dim=d, prompt_k=p_k, prompt_v=p_v, placement="mid", prompt_at_inference=True)
     patched = apply_erasure(base, erasure)
-    records, handles = capture_attn2(patched, [MID_ATTN])
     x, context = inputs("sd15")
-    try:
-        predict(patched, x, 1.0, context)
-    finally:
-        for h in handles:
-            h.remove()
+    records = run_and_capture_attn2(patched, [MID_ATTN], x, context)
     ctx, val = records[MID_ATTN]["context"], records[MID_ATTN]["value"]
     assert ctx.shape[1] == 77 + 5 + m
     assert torch.equal(ctx[:, 77:82], marker.expand(2, -1, -1)) and torch.equal(val[:, 77:82], -marker.expand(2, -1, -1))
