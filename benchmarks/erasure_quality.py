@@ -1,0 +1,237 @@
+"""Erasure quality on the synthetic world: does each method erase the object and leave everything else alone?
+
+    .venv/bin/python benchmarks/erasure_quality.py            # full table (see RESULTS.md for its time)
+    .venv/bin/python benchmarks/erasure_quality.py --quick    # fewer iterations and samples, a few minutes
+
+Every erasure is trained through the pack's Train Concept Erasure node (its `train` function, with the node's own
+widget defaults unless a setting is listed below) on the world's small SD1.5-family UNet, then each model samples
+the same seeds for every test prompt and the world's classifier reads object and colour from each image:
+
+  erased    share of samples for the erased object's prompts ("a red square", ..., "a square") that do NOT show it
+  synonyms  the same for prompts using its synonyms ("a red box", ..., "a box"), never seen in training
+  kept obj  share of samples for every other object's prompts ("a blue circle", ...) showing that object
+  kept col  share of those samples with the prompted colour
+  score e / score k   the Concept Erasure Report's classifier-free score ('toward ESD target') averaged over the
+            erased object's prompts / the kept prompts (0 = unchanged, 0.5 = like the empty prompt)
+  train s   seconds in the node's train function (trajectory sampling included)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality_world import host  # noqa: E402
+
+ERASED, SECOND = "square", "triangle"
+PRESERVE_SET = ("circle", "ring")
+SEED = 1000
+FULL = dict(iterations=400, samples=24)
+QUICK = dict(iterations=150, samples=8)
+# Settings that differ from the node's widget defaults, and why:
+#   resolution 128: the world's latents are 16x16 (128 px in SD's 8x VAE terms);
+#   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet over 1000 iterations; on this
+#   1.6M-parameter UNet over 150-400 iterations it changes nothing (0% erased at 150 iterations), 1e-4 erases
+#   ~90%, 3e-4 ~95-100%, 1e-3 starts to hurt (see RESULTS.md);
+#   esd_u: LoRA rank 8 (the node refuses full deltas for esd_u) at 1e-3, as the node's tooltip advises for LoRA.
+WORLD_SETTINGS = dict(resolution=128, learning_rate=3e-4)
+METHOD_SETTINGS = {"esd_u": dict(rank=8, learning_rate=1e-3)}
+
+
+def node_defaults(node_class) -> dict:
+    """The widget defaults of a node, as a fresh node in ComfyUI has them."""
+    inputs = node_class.INPUT_TYPES()
+    defaults = {}
+    for group in ("required", "optional"):
+        for name, spec in inputs.get(group, {}).items():
+            if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]:
+                defaults[name] = spec[1]["default"]
+    return defaults
+
+
+def combine(*conditionings) -> list:
+    """Conditioning (Combine): the entries of each, in order."""
+    return [entry for c in conditionings for entry in c]
+
+
+def prompt_sets(erased_objects):
+    from quality_world.vocabulary import COLOURS, OBJECTS, SYNONYMS
+
+    def prompts(word):
+        return [(f"a {c} {word}", c) for c in COLOURS] + [(f"a {word}", None)]
+
+    erased = [(p, c, o) for o in erased_objects for p, c in prompts(o)]
+    synonyms = [(p, c, o) for o in erased_objects for s in SYNONYMS.get(o, ()) for p, c in prompts(s)]
+    kept = [(f"a {c} {o}", c, o) for o in OBJECTS if o not in erased_objects for c in COLOURS]
+    return {"erased": erased, "synonyms": synonyms, "kept": kept}
+
+
+_FIRST_SAMPLE = {}  # caption -> the original model's first sample (LATENT), for the report score
+
+
+def measure(world, model, sets, samples: int, with_scores: bool) -> dict:
+    """Classifier rates (and report scores) for one model on the prompt sets; same seed for every prompt."""
+    from quality_world.world import CFG, STEPS, sample
+
+    from comfyui_concept_erasure.report.concept_report import concept_scores
+    from quality_world.renderer import encode
+
+    uncond = world.unconditional()
+    result, scores = {}, {}
+    for name, prompts in sets.items():
+        hits = colour_hits = total = 0
+        toward = []
+        for caption, colour, obj in prompts:
+            cond = world.conditioning(caption)
+            images = sample(model, cond, uncond, SEED, samples, STEPS, CFG)
+            objects, colours = world.classifier.read(images)
+            hits += sum(o == obj for o in objects)
+            colour_hits += sum(c == colour for c in colours) if colour else 0
+            total += len(objects)
+            if with_scores and model is not world.model:
+                if caption not in _FIRST_SAMPLE:
+                    _FIRST_SAMPLE[caption] = encode(sample(world.model, cond, uncond, SEED, 1, STEPS, CFG))
+                first = _FIRST_SAMPLE[caption]
+                toward.append(concept_scores(world.model, model, [cond], uncond, [first], [caption], SEED)[0].toward)
+        coloured = sum(samples for _, c, _ in prompts if c)
+        result[name] = {"object": hits / total if total else None,
+                        "colour": colour_hits / coloured if coloured else None, "samples": total}
+        scores[name] = sum(toward) / len(toward) if toward else None
+    result["scores"] = scores
+    return result
+
+
+def train(world, settings: dict, concepts, preserve=None):
+    """Train Concept Erasure's own function, under inference mode as ComfyUI runs nodes.
+    Returns (erased MODEL, erasure, seconds, the node's inputs)."""
+    import torch
+
+    from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
+
+    kwargs = dict(node_defaults(TrainConceptErasure), **WORLD_SETTINGS)
+    kwargs.update(METHOD_SETTINGS.get(settings.get("method", kwargs["method"]), {}))
+    kwargs.update(settings, concept_label="\n".join(concepts))
+    concept = combine(*(world.conditioning(f"a {o}") for o in concepts))
+    if preserve:
+        kwargs["preserve"] = combine(*(world.conditioning(f"a {o}") for o in preserve))
+    started = time.time()
+    with torch.inference_mode():
+        model, erasure, _ = TrainConceptErasure().train(world.model, concept, world.unconditional(), **kwargs)
+    kwargs.pop("preserve", None)
+    return model, erasure, time.time() - started, kwargs
+
+
+def recover(world, erasure):
+    import torch
+
+    from comfyui_concept_erasure.nodes.erasure_nodes import RecoverErasedConcept
+
+    with torch.inference_mode():
+        return RecoverErasedConcept().recover(world.model, erasure)[0]
+
+
+def pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def score(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def table(rows) -> str:
+    lines = ["| model | erased ↑ | synonyms ↑ | kept obj ↑ | kept col ↑ | score e | score k | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, r, seconds in rows:
+        erased = r["erased"]["object"]
+        synonyms = r["synonyms"]["object"]
+        lines.append(
+            f"| {label} | {pct(None if erased is None else 1 - erased)} | "
+            f"{pct(None if synonyms is None else 1 - synonyms)} | {pct(r['kept']['object'])} | "
+            f"{pct(r['kept']['colour'])} | {score(r['scores']['erased'])} | {score(r['scores']['kept'])} | "
+            f"{'–' if seconds is None else f'{seconds:.0f}'} |")
+    return "\n".join(lines)
+
+
+def parse_overrides(items):
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK} instead of {FULL}")
+    parser.add_argument("--methods", default="lp,lp_attached,esd_x,esd_u")
+    parser.add_argument("--no-extra-rows", action="store_true",
+                        help="skip the key, multi-object and preserve-set rows")
+    parser.add_argument("--no-original", action="store_true", help="skip the original model's rows (for sweeps)")
+    parser.add_argument("--iterations", type=int, help="override the mode's iterations")
+    parser.add_argument("--samples", type=int, help="samples per prompt (override the mode's)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="node inputs for every run, e.g. learning_rate=1e-4 placement=all")
+    parser.add_argument("--world", type=Path, help="a world file other than the committed one")
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--threads", type=int, default=host.threads_from_env())
+    opts = parser.parse_args(argv)
+    host.setup(opts.threads)
+    import torch
+
+    from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
+    from quality_world.world import load_world
+
+    mode = dict(QUICK if opts.quick else FULL)
+    mode.update({k: getattr(opts, k) for k in ("iterations", "samples") if getattr(opts, k)})
+    common = dict(iterations=mode["iterations"], **parse_overrides(opts.set))
+    world = load_world(opts.world) if opts.world else load_world()
+    started = time.time()
+    single, pair = prompt_sets([ERASED]), prompt_sets([ERASED, SECOND])
+    rows, records = [], []
+
+    def record(label, model, seconds, sets, settings):
+        r = measure(world, model, sets, mode["samples"], with_scores=True)
+        rows.append((label, r, seconds))
+        records.append({"label": label, "train_seconds": seconds, "settings": settings, **r})
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+
+    print(f"world: {world.metadata.get('command', '?')}; {mode}; node inputs {dict(WORLD_SETTINGS, **common)}; "
+          f"device {world.model.load_device}; torch threads {torch.get_num_threads()}", flush=True)
+    if not opts.no_original:
+        record("original", world.model, None, single, None)
+    erasures = {}
+    for method in [m for m in opts.methods.split(",") if m]:
+        model, erasures[method], seconds, used = train(world, dict(common, method=method), [ERASED])
+        record(method, model, seconds, single, used)
+    default = node_defaults(TrainConceptErasure)["method"]
+    if not opts.no_extra_rows:
+        if default in erasures and erasures[default].has_prompt:
+            record(f"{default} with its key attached (Recover)", recover(world, erasures[default]), None, single, None)
+        if not opts.no_original:
+            record(f"original ({ERASED} + {SECOND})", world.model, None, pair, None)
+        model, _, seconds, used = train(world, dict(common, method=default), [ERASED, SECOND])
+        record(f"{default}, {ERASED} + {SECOND}", model, seconds, pair, used)
+        model, _, seconds, used = train(world, dict(common, method=default), [ERASED], preserve=PRESERVE_SET)
+        record(f"{default}, preserve {{{', '.join(PRESERVE_SET)}}}", model, seconds, single, used)
+    total = time.time() - started
+    print()
+    print(table(rows))
+    print(f"\n{len(rows)} rows, {mode['samples']} samples per prompt, {total / 60:.1f} min in all")
+    if opts.json:
+        opts.json.write_text(json.dumps({"mode": mode, "common": common, "minutes": total / 60, "rows": records},
+                                        indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Reads the object (or 'none') and the colour from a 16x16 image; trained on the renderer's ground truth."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .vocabulary import COLOURS, OBJECTS
+
+OBJECT_CLASSES = OBJECTS + ("none",)
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU())
+        self.object_head = nn.Linear(128, len(OBJECT_CLASSES))
+        self.colour_head = nn.Linear(128, len(COLOURS))
+
+    def forward(self, images: torch.Tensor):
+        """images [B, H, W, 3] in [0, 1] -> (object logits, colour logits)."""
+        h = self.features(images.permute(0, 3, 1, 2) * 2 - 1)
+        return self.object_head(h), self.colour_head(h)
+
+    @torch.no_grad()
+    def read(self, images: torch.Tensor):
+        """Predicted object names (OBJECT_CLASSES) and colour names, one per image."""
+        obj, colour = self(images.float())
+        return ([OBJECT_CLASSES[i] for i in obj.argmax(1).tolist()],
+                [COLOURS[i] for i in colour.argmax(1).tolist()])

@@ -1,0 +1,44 @@
+"""Start the ComfyUI host for a script (not for tests: tests/conftest.py does this) and import the pack."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACK = "comfyui_concept_erasure"
+
+
+def setup(threads: int = 1):
+    """CPU unless a GPU is present, `threads` torch threads, PyTorch attention (comfy's
+    --use-pytorch-cross-attention; the fastest kernel at these sizes), a throwaway models folder.
+    Returns the pack module, imported as ComfyUI imports custom nodes."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from comfy.cli_args import args
+
+    if not torch.cuda.is_available():
+        args.cpu = True
+    args.use_pytorch_cross_attention = True
+    if getattr(args, "cwd", None) is None:
+        args.cwd = tempfile.mkdtemp(prefix="comfy-base-")  # the fork puts models/ under --cwd
+    import comfy.model_management  # noqa: F401
+
+    return import_pack()
+
+
+def import_pack():
+    if PACK in sys.modules:
+        return sys.modules[PACK]
+    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def threads_from_env(default: int = 1) -> int:
+    return int(os.environ.get("BENCH_THREADS", default))

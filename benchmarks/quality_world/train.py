@@ -1,0 +1,199 @@
+"""Train the world (classifier, then text encoder + UNet) and write world.safetensors (fp16, ~4 MB).
+
+    .venv/bin/python benchmarks/quality_world/train.py            # the committed world: seed 0, defaults below
+
+Seeded and single-threaded by default, so the same command on the same torch gives the same file.
+The UNet learns the standard eps objective (unweighted MSE on the noise) on comfy's SD1.5 discrete schedule
+(sigma from t in 0..999, the input scaled by 1/sqrt(sigma^2 + 1) as comfy's model_sampling does); half of each
+batch draws t from 600..999 instead of 0..999, and the noise gets a per-channel constant of std 0.1 ("offset
+noise"): a 16x16 latent's noise has a large mean (std 1/16, times sigma_max 14.6) that a small UNet otherwise
+never learns to predict, so every seed left its own colour cast on the image. Sampling uses plain noise.
+10% of captions are dropped to "" so classifier-free guidance works.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "quality_world"
+
+import torch
+import torch.nn.functional as F
+
+from . import host
+from .renderer import images_to_model_latent, random_labels, render_batch, render_empty
+from .vocabulary import COLOURS, OBJECTS, random_caption
+
+DEFAULTS = dict(seed=0, steps=2500, batch=32, lr=1e-3, ema=0.995, classifier_steps=1200, caption_dropout=0.1,
+                high_noise_share=0.5, offset_noise=0.1)
+HIGH_NOISE_FROM = 600  # timesteps 600..999: where a small eps-model's errors decide the image's overall colour
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """What a sampler's output may look like: a little blur, noise and contrast change."""
+    b = images.shape[0]
+    blur = F.avg_pool2d(images.permute(0, 3, 1, 2), 3, stride=1, padding=1, count_include_pad=False).permute(0, 2, 3, 1)
+    mix = torch.rand(b, 1, 1, 1, generator=generator) * 0.6
+    images = images * (1 - mix) + blur * mix
+    gain = 1 + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.3
+    noise = torch.randn(images.shape, generator=generator) * torch.rand(b, 1, 1, 1, generator=generator) * 0.08
+    return (images * gain + noise).clamp(0, 1)
+
+
+def train_classifier(classifier, rng: random.Random, generator: torch.Generator, steps: int, log) -> float:
+    from .classifier import OBJECT_CLASSES
+
+    opt = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    classifier.train()
+    for step in range(steps):
+        labels = random_labels(rng, 112)
+        images = torch.cat([render_batch(rng, labels), render_empty(rng, 16)])
+        obj = torch.tensor([OBJECT_CLASSES.index(o) for o, _ in labels] + [len(OBJECTS)] * 16)
+        colour = torch.tensor([COLOURS.index(c) for _, c in labels])
+        obj_logits, colour_logits = classifier(augment(images, generator))
+        loss = F.cross_entropy(obj_logits, obj) + F.cross_entropy(colour_logits[:112], colour)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"classifier step {step}: loss {loss.item():.4f}")
+    classifier.eval()
+    labels = random_labels(rng, 500)
+    objs, colours = classifier.read(render_batch(rng, labels))
+    return sum(o == lo and c == lc for (lo, lc), o, c in zip(labels, objs, colours)) / len(labels)
+
+
+class CloneNormInputs:
+    """The fork's BasicTransformerBlock adds residuals in place after a norm saved its input; give the norms a
+    copy so backward works (upstream no longer needs this; gradients are the same)."""
+
+    def __init__(self, unet):
+        self.unet, self.handles = unet, []
+
+    def __enter__(self):
+        for module in self.unet.modules():
+            if type(module).__name__ == "BasicTransformerBlock":
+                for name in ("norm1", "norm2", "norm3"):
+                    self.handles.append(getattr(module, name).register_forward_pre_hook(
+                        lambda mod, args: (args[0].clone(),) + tuple(args[1:])))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def draw_timesteps(batch: int, high_noise_share: float, generator: torch.Generator) -> torch.Tensor:
+    """Uniform over 0..999, except that a share of the batch is drawn from HIGH_NOISE_FROM..999."""
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    high = torch.randint(HIGH_NOISE_FROM, 1000, (batch,), generator=generator)
+    return torch.where(torch.rand(batch, generator=generator) < high_noise_share, high, t)
+
+
+def train_diffusion(model, text_encoder, rng, generator, steps, batch, lr, ema_decay, dropout, high_noise_share,
+                    offset_noise, log):
+    unet = model.model.diffusion_model
+    sampling = model.get_model_object("model_sampling")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = 100
+    sched = torch.optim.lr_scheduler.LambdaLR(  # warm-up, then cosine down to lr / 10
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+    ema = [p.detach().clone() for p in params]
+    unet.train(), text_encoder.train()
+    started = time.time()
+    with CloneNormInputs(unet):
+        for step in range(steps):
+            labels = random_labels(rng, batch)
+            x0 = images_to_model_latent(render_batch(rng, labels))
+            captions = ["" if rng.random() < dropout else random_caption(rng, o, c) for o, c in labels]
+            context = text_encoder.encode(captions)
+            t = draw_timesteps(batch, high_noise_share, generator)
+            sigma = sampling.sigma(t.float())
+            eps = torch.randn(x0.shape, generator=generator)
+            eps = eps + offset_noise * torch.randn((batch, x0.shape[1], 1, 1), generator=generator)
+            x_t = x0 + eps * sigma[:, None, None, None]
+            pred = unet(sampling.calculate_input(sigma, x_t), sampling.timestep(sigma).float(), context=context)
+            loss = F.mse_loss(pred, eps)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.lerp_(p, 1 - ema_decay)
+            if step % 100 == 0 or step == steps - 1:
+                log(f"diffusion step {step}: loss {loss.item():.4f} ({time.time() - started:.0f} s)")
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.eval(), text_encoder.eval()
+
+
+def evaluate(world, seed: int, count: int, log) -> dict:
+    """Object / colour accuracy of the trained world's samples, for every object and colour."""
+    from .world import read_prompt_samples
+
+    captions = [f"a {c} {o}" for o in OBJECTS for c in COLOURS]
+    reads = read_prompt_samples(world, world.model, captions, seed, count)
+    obj_ok = col_ok = total = 0
+    for caption, (objs, colours) in zip(captions, reads):
+        _, colour, obj = caption.split()
+        obj_ok += sum(o == obj for o in objs)
+        col_ok += sum(c == colour for c in colours)
+        total += len(objs)
+        log(f"  {caption:20s} object {sum(o == obj for o in objs)}/{len(objs)}  colour {sum(c == colour for c in colours)}/{len(objs)}")
+    return {"object_accuracy": obj_ok / total, "colour_accuracy": col_ok / total}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, value in DEFAULTS.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "world.safetensors")
+    parser.add_argument("--threads", type=int, default=host.threads_from_env())
+    opts = parser.parse_args(argv)
+    host.setup(opts.threads)
+
+    from .classifier import Classifier
+    from .text_encoder import TextEncoder
+    from .unet import build_unet
+    from .world import World, load_world, save_world
+
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    torch.manual_seed(opts.seed)
+    rng, generator = random.Random(opts.seed), torch.Generator().manual_seed(opts.seed)
+    started = time.time()
+    classifier = Classifier()
+    classifier_accuracy = train_classifier(classifier, rng, generator, opts.classifier_steps, log)
+    log(f"classifier accuracy on fresh renders: {classifier_accuracy:.3f} ({time.time() - started:.0f} s)")
+    model, text_encoder = build_unet(opts.seed), TextEncoder()
+    train_diffusion(model, text_encoder, rng, generator, opts.steps, opts.batch, opts.lr, opts.ema,
+                    opts.caption_dropout, opts.high_noise_share,
+                    opts.offset_noise, log)
+    train_seconds = time.time() - started
+    settings = {k: getattr(opts, k) for k in DEFAULTS}
+    command = "python benchmarks/quality_world/train.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if v != DEFAULTS[k])
+    metadata = {"command": command.strip(), "settings": settings, "torch": torch.__version__,
+                "train_seconds": round(train_seconds), "classifier_accuracy": classifier_accuracy}
+    save_world(opts.out, model, text_encoder, classifier, metadata)
+    world = load_world(opts.out)  # evaluate what was saved (fp16 weights)
+    accuracy = evaluate(world, seed=1234, count=16, log=log)
+    log(f"sample accuracy: {accuracy}")
+    save_world(opts.out, world.model, world.text_encoder, world.classifier, dict(metadata, sample_accuracy=accuracy))
+    log(f"wrote {opts.out} ({opts.out.stat().st_size / 1e6:.1f} MB) in {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
