@@ -1,19 +1,26 @@
 """Erasure quality on the synthetic world: does each method erase the object and leave everything else alone?
 
-    .venv/bin/python benchmarks/erasure_quality.py            # full table (see RESULTS.md for its time)
-    .venv/bin/python benchmarks/erasure_quality.py --quick    # fewer iterations and samples, a few minutes
+    .venv/bin/python benchmarks/erasure_quality.py            # full: 400 iterations, 24 samples per prompt
+    .venv/bin/python benchmarks/erasure_quality.py --quick    # 150 iterations, 8 samples per prompt
+    (times on one CPU thread are in RESULTS.md; BENCH_THREADS=n uses more threads, a GPU is used when present)
 
-Every erasure is trained through the pack's Train Concept Erasure node (its `train` function, with the node's own
-widget defaults unless a setting is listed below) on the world's small SD1.5-family UNet, then each model samples
-the same seeds for every test prompt and the world's classifier reads object and colour from each image:
+The world (benchmarks/quality_world, committed as world.safetensors) is trained by
+benchmarks/quality_world/train.py. Every erasure here is trained through the pack's Train Concept Erasure node
+(its `train` function, with the node's widget defaults except WORLD_SETTINGS below) on the world's small
+SD1.5-family UNet; the concept is "a square". Each model then samples the same seeds for every test prompt and
+the world's classifier reads object and colour from each image:
 
   erased    share of samples for the erased object's prompts ("a red square", ..., "a square") that do NOT show it
-  synonyms  the same for prompts using its synonyms ("a red box", ..., "a box"), never seen in training
+  synonyms  the same for prompts using its synonym ("a red box", ..., "a box"), which the trainer never sees
   kept obj  share of samples for every other object's prompts ("a blue circle", ...) showing that object
   kept col  share of those samples with the prompted colour
   score e / score k   the Concept Erasure Report's classifier-free score ('toward ESD target') averaged over the
             erased object's prompts / the kept prompts (0 = unchanged, 0.5 = like the empty prompt)
   train s   seconds in the node's train function (trajectory sampling included)
+
+Extra rows: the default method's erasure with its key attached (Recover Erased Concept: here a LOW 'erased'
+means the key brings the concept back), erasing "a square" and "a triangle" together (Conditioning Combine),
+and erasing "a square" with "a circle" and "a ring" as the preserve set.
 """
 from __future__ import annotations
 
@@ -37,8 +44,10 @@ QUICK = dict(iterations=150, samples=8)
 #   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet over 1000 iterations; on this
 #   1.6M-parameter UNet over 150-400 iterations it changes nothing (0% erased at 150 iterations), 1e-4 erases
 #   ~90%, 3e-4 ~95-100%, 1e-3 starts to hurt (see RESULTS.md);
+#   negative_guidance 2: with ESD's eta = 1 no method reached 99% erased in 400 iterations (three seeds each:
+#   esd_x 94-99%, lp 94-98%); eta = 2 erased 100% at a cost of about one point of preservation;
 #   esd_u: LoRA rank 8 (the node refuses full deltas for esd_u) at 1e-3, as the node's tooltip advises for LoRA.
-WORLD_SETTINGS = dict(resolution=128, learning_rate=3e-4)
+WORLD_SETTINGS = dict(resolution=128, learning_rate=3e-4, negative_guidance=2.0)
 METHOD_SETTINGS = {"esd_u": dict(rank=8, learning_rate=1e-3)}
 
 

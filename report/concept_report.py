@@ -52,6 +52,9 @@ def split_prompts(prompts, name: str = "prompts") -> List[list]:
         if (not isinstance(entry, (list, tuple)) or len(entry) < 2 or not torch.is_tensor(entry[0])
                 or entry[0].ndim != 3 or not isinstance(entry[1], dict)):
             raise ReportError(f"{name} is not a CONDITIONING: each entry must be [tensor [1, tokens, width], dict]")
+        if entry[0].shape[0] != 1:
+            raise ReportError(f"{name} holds a batch of {entry[0].shape[0]} encodings in one entry; use one prompt "
+                              "per entry (combine several with Conditioning (Combine))")
     return [[entry] for entry in prompts]
 
 
@@ -132,7 +135,8 @@ def concept_scores(original, erased, prompts: Sequence[list], unconditional, lat
     scores = []
     for prompt, latent, label in zip(prompts, latents, labels):
         x0 = base.process_latent_in(latent.float())
-        noises = torch.randn((len(sigmas), *x0.shape[1:]), generator=torch.Generator().manual_seed(seed + 1))
+        generator = torch.Generator().manual_seed((seed + 1) % (1 << 64))
+        noises = torch.randn((len(sigmas), *x0.shape[1:]), generator=generator)
         eps_c = predict_eps(original, prompt, unconditional, x0, noises, sigmas, seed)
         eps_u = predict_eps(original, unconditional, unconditional, x0, noises, sigmas, seed)
         eps_e = predict_eps(erased, prompt, unconditional, x0, noises, sigmas, seed)
@@ -144,7 +148,8 @@ def concept_scores(original, erased, prompts: Sequence[list], unconditional, lat
         if norm <= NEGLIGIBLE * max(1.0, float((eps_c ** 2).sum())):
             scores.append(ConceptScore(label, math.nan, math.nan))
             continue
-        scores.append(ConceptScore(label, float((move * to_target).sum()) / norm, math.sqrt(float((move ** 2).sum()) / norm)))
+        toward = float((move * to_target).sum()) / norm
+        scores.append(ConceptScore(label, toward, math.sqrt(float((move ** 2).sum()) / norm)))
     return scores
 
 
@@ -162,9 +167,9 @@ def image_grid(rows: Sequence[Sequence[torch.Tensor]], gap: int) -> torch.Tensor
 
 def format_summary(scores: Sequence[ConceptScore], seed: int, steps: int, cfg: float, width: int, height: int) -> str:
     name_width = max(6, *(len(s.label) for s in scores))
-    lines = [f"Concept Erasure Report: {len(scores)} prompt(s), seed {seed}, {steps} steps, cfg {cfg:g}, {width}x{height}",
-             f"{'prompt':<{name_width}}  toward ESD target  moved",
-             ]
+    lines = [f"Concept Erasure Report: {len(scores)} prompt(s), seed {seed}, {steps} steps, cfg {cfg:g}, "
+             f"{width}x{height}",
+             f"{'prompt':<{name_width}}  toward ESD target  moved"]
     for s in scores:
         if math.isnan(s.toward):
             lines.append(f"{s.label:<{name_width}}  n/a (the prompt predicts what the empty prompt does)")
@@ -187,7 +192,9 @@ def compare_models(original, erased, prompts, unconditional, vae, labels: str = 
     names = parse_labels(labels, len(prompt_list))
     _check_inputs(original, erased, prompt_list, [unconditional], vae)
     ratio = getattr(vae, "downscale_ratio", 8)
-    if not isinstance(ratio, int) or width % ratio or height % ratio:
+    if not isinstance(ratio, int):
+        raise ReportError("the VAE is not an image VAE of a Stable Diffusion model; use the checkpoint's VAE")
+    if width % ratio or height % ratio:
         raise ReportError(f"width and height must be multiples of the VAE's downscale ratio {ratio}, "
                           f"got {width}x{height}")
     channels = original.get_model_object("latent_format").latent_channels

@@ -120,8 +120,9 @@ def test_score_equals_a_reference_computed_with_apply_model(vae):
 def test_bad_inputs_are_refused_with_clear_messages(vae):
     model = build_model("sd15")
     prompts, uncond = cond("sd15", 1) + cond("sd15", 2), cond("sd15", 3)
-    run = lambda **kw: compare_models(**{**dict(original=model, erased=model, prompts=prompts,  # noqa: E731
-                                                 unconditional=uncond, vae=vae, steps=1, width=SIZE, height=SIZE), **kw})
+    defaults = dict(original=model, erased=model, prompts=prompts, unconditional=uncond, vae=vae, steps=1,
+                    width=SIZE, height=SIZE)
+    run = lambda **kw: compare_models(**{**defaults, **kw})  # noqa: E731
     with pytest.raises(ReportError, match="labels has 3 line.*2 prompt"):
         run(labels="a\nb\nc")
     with pytest.raises(ReportError, match="width 1024"):
@@ -130,6 +131,8 @@ def test_bad_inputs_are_refused_with_clear_messages(vae):
         run(erased=build_model("sd2v"))
     with pytest.raises(ReportError, match="at least one prompt"):
         run(prompts=[])
+    with pytest.raises(ReportError, match="batch of 2"):
+        run(prompts=[[torch.cat([prompts[0][0], prompts[1][0]]), {}]])
     with pytest.raises(ReportError, match="multiples"):
         run(width=SIZE + 4)
 

@@ -25,7 +25,7 @@ def setup(threads: int = 1):
     args.use_pytorch_cross_attention = True
     if getattr(args, "cwd", None) is None:
         args.cwd = tempfile.mkdtemp(prefix="comfy-base-")  # the fork puts models/ under --cwd
-    import comfy.model_management  # noqa: F401
+    import comfy.model_management  # noqa: F401  (after args: upstream refuses to start on a CPU otherwise)
 
     return import_pack()
 

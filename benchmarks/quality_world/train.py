@@ -148,10 +148,10 @@ def evaluate(world, seed: int, count: int, log) -> dict:
     obj_ok = col_ok = total = 0
     for caption, (objs, colours) in zip(captions, reads):
         _, colour, obj = caption.split()
-        obj_ok += sum(o == obj for o in objs)
-        col_ok += sum(c == colour for c in colours)
         total += len(objs)
-        log(f"  {caption:20s} object {sum(o == obj for o in objs)}/{len(objs)}  colour {sum(c == colour for c in colours)}/{len(objs)}")
+        right_object, right_colour = sum(o == obj for o in objs), sum(c == colour for c in colours)
+        obj_ok, col_ok = obj_ok + right_object, col_ok + right_colour
+        log(f"  {caption:20s} object {right_object}/{len(objs)}  colour {right_colour}/{len(objs)}")
     return {"object_accuracy": obj_ok / total, "colour_accuracy": col_ok / total}
 
 
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     from .classifier import Classifier
     from .text_encoder import TextEncoder
     from .unet import build_unet
-    from .world import World, load_world, save_world
+    from .world import load_world, save_world
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     torch.manual_seed(opts.seed)

@@ -37,7 +37,8 @@ class World:
 def state_dicts(model, text_encoder, classifier) -> Dict[str, torch.Tensor]:
     parts = {"unet": model.model.diffusion_model.state_dict(), "text": text_encoder.state_dict(),
              "classifier": classifier.state_dict()}
-    return {f"{part}.{k}": v.detach().to(torch.float16).contiguous() for part, sd in parts.items() for k, v in sd.items()}
+    return {f"{part}.{k}": v.detach().to(torch.float16).contiguous()
+            for part, sd in parts.items() for k, v in sd.items()}
 
 
 def save_world(path: Path, model, text_encoder, classifier, metadata: Dict[str, object]) -> None:
