@@ -25,6 +25,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..erasure.concept_erasure import ErasureError, family_name, model_context_dim
+from ..trainer.conditioning import check_entries
 
 ETA = 1.0
 SCORE_LEVELS = (0.2, 0.4, 0.6, 0.8)  # where on the sampling schedule (model_sampling.percent_to_sigma)
@@ -48,13 +49,7 @@ def split_prompts(prompts, name: str = "prompts") -> List[list]:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ReportError(f"{name} must be a CONDITIONING with at least one prompt (CLIP Text Encode, several "
                           "joined with Conditioning (Combine))")
-    for entry in prompts:
-        if (not isinstance(entry, (list, tuple)) or len(entry) < 2 or not torch.is_tensor(entry[0])
-                or entry[0].ndim != 3 or not isinstance(entry[1], dict)):
-            raise ReportError(f"{name} is not a CONDITIONING: each entry must be [tensor [1, tokens, width], dict]")
-        if entry[0].shape[0] != 1:
-            raise ReportError(f"{name} holds a batch of {entry[0].shape[0]} encodings in one entry; use one prompt "
-                              "per entry (combine several with Conditioning (Combine))")
+    check_entries(prompts, name, ReportError)
     return [[entry] for entry in prompts]
 
 
