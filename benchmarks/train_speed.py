@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACK = "comfyui_concept_erasure"
 
 
 def bootstrap(cpu: bool, threads: int):
@@ -37,12 +35,10 @@ def bootstrap(cpu: bool, threads: int):
     args.cpu = cpu
     import comfy.model_management  # noqa: F401,E402  (after args: upstream refuses to start on a CPU otherwise)
 
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from pack_import import import_pack
+
+    import_pack()
     sys.path.insert(0, str(ROOT / "tests"))
 
 

@@ -3,7 +3,6 @@
 Usage: .venv/bin/python scripts/node_reference.py [--check]
 --check exits 1 when README.md is out of date (tests/test_readme.py runs the same comparison).
 """
-import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -13,16 +12,12 @@ BEGIN, END = "<!-- node-reference:begin -->", "<!-- node-reference:end -->"
 
 
 def load_pack():
-    if "comfyui_concept_erasure" in sys.modules:
-        return sys.modules["comfyui_concept_erasure"]
     from comfy.cli_args import args
     args.cpu = True
-    spec = importlib.util.spec_from_file_location("comfyui_concept_erasure", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from pack_import import import_pack
+
+    return import_pack()
 
 
 def _input_type(spec):

@@ -1,5 +1,4 @@
 """Test set-up: the real ComfyUI host on the CPU, and the pack imported the way ComfyUI imports it."""
-import importlib.util
 import os
 import sys
 import tempfile
@@ -9,7 +8,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PACK = "comfyui_concept_erasure"
 COMFY_BASE = tempfile.mkdtemp(prefix="comfy-base-")
 
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))
@@ -23,17 +21,10 @@ args.base_directory = COMFY_BASE  # upstream's name for it (scripts/test_upstrea
 import comfy.model_management  # noqa: E402,F401
 
 
-def _import_pack():
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(ROOT / "scripts"))
+from pack_import import import_pack  # noqa: E402
 
-
-_import_pack()
+import_pack()
 
 
 @pytest.fixture

@@ -1,14 +1,12 @@
 """Start the ComfyUI host for a script (not for tests: tests/conftest.py does this) and import the pack."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACK = "comfyui_concept_erasure"
 
 
 def setup(threads: int = 1):
@@ -31,13 +29,10 @@ def setup(threads: int = 1):
 
 
 def import_pack():
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(REPO / "scripts"))
+    from pack_import import import_pack as _import
+
+    return _import()
 
 
 def threads_from_env(default: int = 1) -> int:
