@@ -1,6 +1,6 @@
 """Erasure quality on the synthetic world: does each method erase the object and leave everything else alone?
 
-    .venv/bin/python benchmarks/erasure_quality.py            # full: 400 iterations, 24 samples per prompt
+    .venv/bin/python benchmarks/erasure_quality.py            # full: 1000 iterations, 24 samples per prompt
     .venv/bin/python benchmarks/erasure_quality.py --quick    # 150 iterations, 8 samples per prompt
     (times on one CPU thread are in RESULTS.md; BENCH_THREADS=n uses more threads, a GPU is used when present)
 
@@ -14,6 +14,9 @@ the world's classifier reads object and colour from each image:
   synonyms  the same for prompts using its synonym ("a red box", ..., "a box"), which the trainer never sees
   kept obj  share of samples for every other object's prompts ("a blue circle", ...) showing that object
   kept col  share of those samples with the prompted colour
+  kept → erased   share of those samples that show the erased object instead; for the original model this is
+            the world's own confusion, and it bounds 'erased': an erasure that turns the object into another
+            object draws the erased one about as often as that object's prompts do
   score e / score k   the Concept Erasure Report's classifier-free score ('toward ESD target') averaged over the
             erased object's prompts / the kept prompts (0 = unchanged, 0.5 = like the empty prompt)
   train s   seconds in the node's train function (trajectory sampling included)
@@ -37,17 +40,15 @@ from quality_world import host  # noqa: E402
 ERASED, SECOND = "square", "triangle"
 PRESERVE_SET = ("circle", "ring")
 SEED = 1000
-FULL = dict(iterations=400, samples=24)
+FULL = dict(iterations=1000, samples=24)  # 1000: the node's default
 QUICK = dict(iterations=150, samples=8)
 # Settings that differ from the node's widget defaults, and why:
 #   resolution 128: the world's latents are 16x16 (128 px in SD's 8x VAE terms);
-#   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet over 1000 iterations; on this
-#   1.6M-parameter UNet over 150-400 iterations it changes nothing (0% erased at 150 iterations), 1e-4 erases
-#   ~90%, 3e-4 ~95-100%, 1e-3 starts to hurt (see RESULTS.md);
-#   negative_guidance 2: with ESD's eta = 1 no method reached 99% erased in 400 iterations (three seeds each:
-#   esd_x 94-99%, lp 94-98%); eta = 2 erased 100% at a cost of about one point of preservation;
+#   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet; on this 1.6M-parameter UNet
+#   it changes nothing (0% erased at 150 iterations), 1e-4 erases ~90%, 3e-4 ~95-100%, 1e-3 starts to hurt
+#   (sweep on the first world, see RESULTS.md);
 #   esd_u: LoRA rank 8 (the node refuses full deltas for esd_u) at 1e-3, as the node's tooltip advises for LoRA.
-WORLD_SETTINGS = dict(resolution=128, learning_rate=3e-4, negative_guidance=2.0)
+WORLD_SETTINGS = dict(resolution=128, learning_rate=3e-4)
 METHOD_SETTINGS = {"esd_u": dict(rank=8, learning_rate=1e-3)}
 
 
@@ -90,15 +91,17 @@ def measure(world, model, sets, samples: int, with_scores: bool) -> dict:
     from quality_world.renderer import encode
 
     uncond = world.unconditional()
+    erased_objects = {obj for _, _, obj in sets["erased"]}
     result, scores = {}, {}
     for name, prompts in sets.items():
-        hits = colour_hits = total = 0
+        hits = colour_hits = total = as_erased = 0
         toward = []
         for caption, colour, obj in prompts:
             cond = world.conditioning(caption)
             images = sample(model, cond, uncond, SEED, samples, STEPS, CFG)
             objects, colours = world.classifier.read(images)
             hits += sum(o == obj for o in objects)
+            as_erased += sum(o in erased_objects for o in objects)
             colour_hits += sum(c == colour for c in colours) if colour else 0
             total += len(objects)
             if with_scores and model is not world.model:
@@ -108,7 +111,8 @@ def measure(world, model, sets, samples: int, with_scores: bool) -> dict:
                 toward.append(concept_scores(world.model, model, [cond], uncond, [first], [caption], SEED)[0].toward)
         coloured = sum(samples for _, c, _ in prompts if c)
         result[name] = {"object": hits / total if total else None,
-                        "colour": colour_hits / coloured if coloured else None, "samples": total}
+                        "colour": colour_hits / coloured if coloured else None,
+                        "as_erased": as_erased / total if total else None, "samples": total}
         scores[name] = sum(toward) / len(toward) if toward else None
     result["scores"] = scores
     return result
@@ -152,15 +156,16 @@ def score(value) -> str:
 
 
 def table(rows) -> str:
-    lines = ["| model | erased ↑ | synonyms ↑ | kept obj ↑ | kept col ↑ | score e | score k | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | erased ↑ | synonyms ↑ | kept obj ↑ | kept col ↑ | kept → erased ↓ | score e | score k "
+             "| train s |", "|---|---|---|---|---|---|---|---|---|"]
     for label, r, seconds in rows:
         erased = r["erased"]["object"]
         synonyms = r["synonyms"]["object"]
         lines.append(
             f"| {label} | {pct(None if erased is None else 1 - erased)} | "
             f"{pct(None if synonyms is None else 1 - synonyms)} | {pct(r['kept']['object'])} | "
-            f"{pct(r['kept']['colour'])} | {score(r['scores']['erased'])} | {score(r['scores']['kept'])} | "
+            f"{pct(r['kept']['colour'])} | {pct(r['kept']['as_erased'])} | {score(r['scores']['erased'])} | "
+            f"{score(r['scores']['kept'])} | "
             f"{'–' if seconds is None else f'{seconds:.0f}'} |")
     return "\n".join(lines)
 

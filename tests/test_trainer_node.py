@@ -27,7 +27,7 @@ def cond(seed):
     return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
 
 
-def test_node_is_registered_with_tooltips_and_the_issue_defaults():
+def test_node_is_registered_with_tooltips_and_its_defaults():
     assert comfyui_concept_erasure.NODE_CLASS_MAPPINGS["TrainConceptErasure"] is TrainConceptErasure
     assert comfyui_concept_erasure.NODE_DISPLAY_NAME_MAPPINGS["TrainConceptErasure"] == "Train Concept Erasure"
     assert TrainConceptErasure.CATEGORY == CATEGORY
@@ -40,7 +40,7 @@ def test_node_is_registered_with_tooltips_and_the_issue_defaults():
     assert {k: defaults[k] for k in ("method", "iterations", "learning_rate", "negative_guidance", "prompt_tokens",
                                      "placement", "erase_weight", "key_weight", "sampling_steps", "sampling_cfg",
                                      "batch_size", "rank", "dtype")} == {
-        "method": "lp", "iterations": 1000, "learning_rate": 1e-5, "negative_guidance": 1.0, "prompt_tokens": 10,
+        "method": "lp", "iterations": 1000, "learning_rate": 1e-5, "negative_guidance": 2.0, "prompt_tokens": 10,
         "placement": "mid", "erase_weight": 1.0, "key_weight": 0.1, "sampling_steps": 50, "sampling_cfg": 3.0,
         "batch_size": 1, "rank": 0, "dtype": "auto"}
     assert "preserve" in spec["optional"]

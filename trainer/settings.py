@@ -22,7 +22,7 @@ class TrainSettings:
     iterations: int = 1000
     learning_rate: float = 1e-5
     prompt_learning_rate: float = 1e-3
-    negative_guidance: float = 1.0
+    negative_guidance: float = 2.0
     prompt_tokens: int = 10
     placement: str = "mid"
     erase_weight: float = 1.0

@@ -1,4 +1,4 @@
-"""Train the world (classifier, then text encoder + UNet) and write world.safetensors (fp16, ~4 MB).
+"""Train the world (classifier, then text encoder + UNet) and write world.safetensors (fp16, 3.2 MB).
 
     .venv/bin/python benchmarks/quality_world/train.py            # the committed world: seed 0, defaults below
 
@@ -30,7 +30,7 @@ from . import host
 from .renderer import images_to_model_latent, random_labels, render_batch, render_empty
 from .vocabulary import COLOURS, OBJECTS, random_caption
 
-DEFAULTS = dict(seed=0, steps=2500, batch=32, lr=1e-3, ema=0.995, classifier_steps=1200, caption_dropout=0.1,
+DEFAULTS = dict(seed=0, steps=6000, batch=32, lr=1e-3, ema=0.995, classifier_steps=1200, caption_dropout=0.1,
                 high_noise_share=0.5, offset_noise=0.1)
 HIGH_NOISE_FROM = 600  # timesteps 600..999: where a small eps-model's errors decide the image's overall colour
 
