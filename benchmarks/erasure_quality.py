@@ -52,17 +52,6 @@ WORLD_SETTINGS = dict(resolution=128, learning_rate=3e-4)
 METHOD_SETTINGS = {"esd_u": dict(rank=8, learning_rate=1e-3)}
 
 
-def node_defaults(node_class) -> dict:
-    """The widget defaults of a node, as a fresh node in ComfyUI has them."""
-    inputs = node_class.INPUT_TYPES()
-    defaults = {}
-    for group in ("required", "optional"):
-        for name, spec in inputs.get(group, {}).items():
-            if len(spec) > 1 and isinstance(spec[1], dict) and "default" in spec[1]:
-                defaults[name] = spec[1]["default"]
-    return defaults
-
-
 def combine(*conditionings) -> list:
     """Conditioning (Combine): the entries of each, in order."""
     return [entry for c in conditionings for entry in c]
@@ -85,10 +74,10 @@ _FIRST_SAMPLE = {}  # caption -> the original model's first sample (LATENT), for
 
 def measure(world, model, sets, samples: int, with_scores: bool) -> dict:
     """Classifier rates (and report scores) for one model on the prompt sets; same seed for every prompt."""
-    from quality_world.world import CFG, STEPS, sample
+    from quality_world.renderer import encode
+    from quality_world.world import CFG, STEPS, read_prompt_samples, sample
 
     from comfyui_concept_erasure.report.concept_report import concept_scores
-    from quality_world.renderer import encode
 
     uncond = world.unconditional()
     erased_objects = {obj for _, _, obj in sets["erased"]}
@@ -96,15 +85,14 @@ def measure(world, model, sets, samples: int, with_scores: bool) -> dict:
     for name, prompts in sets.items():
         hits = colour_hits = total = as_erased = 0
         toward = []
-        for caption, colour, obj in prompts:
-            cond = world.conditioning(caption)
-            images = sample(model, cond, uncond, SEED, samples, STEPS, CFG)
-            objects, colours = world.classifier.read(images)
+        reads = read_prompt_samples(world, model, [caption for caption, _, _ in prompts], SEED, samples)
+        for (caption, colour, obj), (objects, colours) in zip(prompts, reads):
             hits += sum(o == obj for o in objects)
             as_erased += sum(o in erased_objects for o in objects)
             colour_hits += sum(c == colour for c in colours) if colour else 0
             total += len(objects)
             if with_scores and model is not world.model:
+                cond = world.conditioning(caption)
                 if caption not in _FIRST_SAMPLE:
                     _FIRST_SAMPLE[caption] = encode(sample(world.model, cond, uncond, SEED, 1, STEPS, CFG))
                 first = _FIRST_SAMPLE[caption]
@@ -125,7 +113,7 @@ def train(world, settings: dict, concepts, preserve=None):
 
     from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
 
-    kwargs = dict(node_defaults(TrainConceptErasure), **WORLD_SETTINGS)
+    kwargs = dict(host.widget_defaults(TrainConceptErasure), **WORLD_SETTINGS)
     kwargs.update(METHOD_SETTINGS.get(settings.get("method", kwargs["method"]), {}))
     kwargs.update(settings, concept_label="\n".join(concepts))
     concept = combine(*(world.conditioning(f"a {o}") for o in concepts))
@@ -227,7 +215,7 @@ def main(argv=None) -> int:
     for method in [m for m in opts.methods.split(",") if m]:
         model, erasures[method], seconds, used = train(world, dict(common, method=method), [ERASED])
         record(method, model, seconds, single, used)
-    default = node_defaults(TrainConceptErasure)["method"]
+    default = host.widget_defaults(TrainConceptErasure)["method"]
     if not opts.no_extra_rows:
         if default in erasures and erasures[default].has_prompt:
             record(f"{default} with its key attached (Recover)", recover(world, erasures[default]), None, single, None)

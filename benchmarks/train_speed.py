@@ -132,8 +132,9 @@ def run_trainer(model, concept, uncond, a, refresh, method="esd_x"):
 
     from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
 
-    inputs = {name: spec[1]["default"] for name, spec in TrainConceptErasure.INPUT_TYPES()["required"].items()
-              if "default" in spec[1]}
+    from pack_import import widget_defaults
+
+    inputs = widget_defaults(TrainConceptErasure)
     inputs.update(model=model, concept=concept, unconditional=uncond, method=method, iterations=a.iterations,
                   learning_rate=a.learning_rate, sampling_steps=a.sampling_steps, sampling_cfg=a.sampling_cfg,
                   negative_guidance=a.negative_guidance, trajectory_refresh=refresh, resolution=a.latent * 8,

@@ -12,15 +12,13 @@ from comfyui_concept_erasure.nodes.erasure_nodes import ApplyConceptErasure, Loa
 from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
 from comfyui_concept_erasure.nodes.types import CATEGORY
 from comfyui_concept_erasure.trainer import TrainSettings
+from pack_import import widget_defaults
 from tiny_models import build_model, predict
 
 
 def node_inputs(**overrides):
     """Every widget at its declared default, then the overrides (as the server would fill them)."""
-    required = TrainConceptErasure.INPUT_TYPES()["required"]
-    values = {name: spec[1]["default"] for name, spec in required.items() if "default" in spec[1]}
-    values.update(overrides)
-    return values
+    return {**widget_defaults(TrainConceptErasure), **overrides}
 
 
 def cond(seed):

@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+from pack_import import import_pack, widget_defaults  # noqa: E402,F401  (widget_defaults: for the benchmarks)
 
 
 def setup(threads: int = 1):
@@ -26,13 +28,6 @@ def setup(threads: int = 1):
     import comfy.model_management  # noqa: F401  (after args: upstream refuses to start on a CPU otherwise)
 
     return import_pack()
-
-
-def import_pack():
-    sys.path.insert(0, str(REPO / "scripts"))
-    from pack_import import import_pack as _import
-
-    return _import()
 
 
 def threads_from_env(default: int = 1) -> int:
