@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
+import comfy.lora
+
 PLACEMENTS = ("mid", "midout", "all")
 _PLACEMENT_BLOCKS = {
     "mid": ("middle",),
@@ -201,9 +203,20 @@ def check_compatible(model, erasure: ConceptErasure) -> None:
 
 
 def weight_patches(erasure: ConceptErasure) -> Dict[str, tuple]:
-    """Plain-diff patches for ModelPatcher.add_patches (the one format both hosts share)."""
-    return {key: (delta.full() if isinstance(delta, LowRankDelta) else delta,)
-            for key, delta in erasure.deltas.items()}
+    """Patches for ModelPatcher.add_patches in the host's own formats: full deltas as plain diffs, low-rank deltas
+    as the host's LoRA patches (made by its own LoRA reader), which it expands one weight at a time when it
+    patches that weight, instead of a full-size float32 copy of every delta up front."""
+    patches = {key: (delta,) for key, delta in erasure.deltas.items() if not isinstance(delta, LowRankDelta)}
+    state, names = {}, {}
+    for index, (key, delta) in enumerate((k, d) for k, d in erasure.deltas.items() if isinstance(d, LowRankDelta)):
+        name = f"concept_erasure.{index}"
+        names[name] = key
+        state[f"{name}.lora_up.weight"] = delta.up
+        state[f"{name}.lora_down.weight"] = delta.down
+        state[f"{name}.alpha"] = torch.tensor(float(delta.alpha))
+    if state:
+        patches.update(comfy.lora.load_lora(state, names))
+    return patches
 
 
 def apply_erasure(model, erasure: ConceptErasure, strength: float = 1.0, attach_prompt: Optional[bool] = None):

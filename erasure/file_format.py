@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from safetensors import safe_open
@@ -43,25 +43,41 @@ def _metadata(erasure: ConceptErasure) -> Dict[str, str]:
     }
 
 
-def erasure_tensors(erasure: ConceptErasure) -> Dict[str, torch.Tensor]:
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _stored(key: str, tensor: torch.Tensor, dtype) -> torch.Tensor:
+    if dtype is None or tensor.dtype == dtype:
+        return tensor
+    out = tensor.to(dtype)
+    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(tensor).all()):
+        raise ErasureError(f"delta {key!r} does not fit {dtype} (largest magnitude {float(tensor.abs().max()):g}); "
+                           "save with precision fp32 or bf16")
+    return out
+
+
+def erasure_tensors(erasure: ConceptErasure, precision: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The file's tensors. `precision` (fp16 / bf16 / fp32) stores the weight deltas in that dtype; None keeps each
+    tensor's own dtype. Prompt tokens are always stored as they are (a few KB, and the key must stay exact)."""
+    dtype = PRECISIONS[precision] if precision else None
     tensors: Dict[str, torch.Tensor] = {}
     if erasure.has_prompt:
         tensors["prompt.k"] = erasure.prompt_k
         tensors["prompt.v"] = erasure.prompt_v
     for key, delta in erasure.deltas.items():
         if isinstance(delta, LowRankDelta):
-            tensors[f"lora.{key}.up"] = delta.up
-            tensors[f"lora.{key}.down"] = delta.down
+            tensors[f"lora.{key}.up"] = _stored(key, delta.up, dtype)
+            tensors[f"lora.{key}.down"] = _stored(key, delta.down, dtype)
             # float64, so the Python float comes back exactly
             tensors[f"lora.{key}.alpha"] = torch.tensor(float(delta.alpha), dtype=torch.float64)
         else:
-            tensors[f"delta.{key}"] = delta
+            tensors[f"delta.{key}"] = _stored(key, delta, dtype)
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
-def write_erasure_file(erasure: ConceptErasure, path: str) -> None:
+def write_erasure_file(erasure: ConceptErasure, path: str, precision: Optional[str] = None) -> None:
     """Write to exactly `path` (the caller chooses a fresh name; see folders.save_erasure)."""
-    save_file(erasure_tensors(erasure), path, metadata=_metadata(erasure))
+    save_file(erasure_tensors(erasure, precision), path, metadata=_metadata(erasure))
 
 
 _PICKLE_STARTS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from typing import List
+from typing import List, Optional
 
 from .concept_erasure import ConceptErasure, ErasureError
 from .file_format import load_erasure, write_erasure_file
@@ -108,10 +108,11 @@ def _link_without_overwrite(src: str, dst: str) -> None:
             raise
 
 
-def save_erasure(erasure: ConceptErasure, filename_prefix: str) -> str:
+def save_erasure(erasure: ConceptErasure, filename_prefix: str, precision: Optional[str] = "fp16") -> str:
     """Save as models/concept_erasure/<prefix>_NNNNN_.safetensors; never overwrites, never leaves partial files.
 
-    A leading 'concept_erasure/' in the prefix is accepted (it is where files go anyway). Returns the path.
+    A leading 'concept_erasure/' in the prefix is accepted (it is where files go anyway). The weight deltas are
+    stored in `precision` (fp16 by default: half the size of float32; None keeps their dtype). Returns the path.
     """
     parts = _check_relative(filename_prefix, "filename_prefix")
     if parts[0] == FOLDER and len(parts) > 1:
@@ -121,7 +122,7 @@ def save_erasure(erasure: ConceptErasure, filename_prefix: str) -> str:
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{stem}.{uuid.uuid4().hex}.tmp")
     try:
-        write_erasure_file(erasure, tmp)
+        write_erasure_file(erasure, tmp, precision)
         counter = _next_counter(directory, stem)
         while True:
             final = os.path.join(directory, f"{stem}_{counter:05}_{EXTENSION}")

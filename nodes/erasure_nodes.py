@@ -5,6 +5,7 @@ import os
 
 from ..erasure import apply_erasure, list_erasures, save_erasure
 from ..erasure.concept_erasure import ErasureError
+from ..erasure.file_format import PRECISIONS
 from ..erasure.folders import default_folder, load_named_erasure
 from .types import CATEGORY, CONCEPT_ERASURE
 
@@ -78,8 +79,9 @@ class RecoverErasedConcept:
 
 
 class SaveConceptErasure:
-    DESCRIPTION = ("Saves an erasure to models/concept_erasure as .safetensors with its settings in the header. "
-                   "Never overwrites: a number is added to the name, as ComfyUI's savers do.")
+    DESCRIPTION = ("Saves an erasure to models/concept_erasure as .safetensors with its settings in the header, the "
+                   "weight deltas in fp16 unless asked otherwise. Never overwrites: a number is added to the name, as "
+                   "ComfyUI's savers do.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -92,10 +94,14 @@ class SaveConceptErasure:
             "filename_prefix": ("STRING", {"default": "concept_erasure/erased", "tooltip":
                                 "Name inside models/concept_erasure (a leading 'concept_erasure/' is optional; "
                                 "subfolders allowed, '..' is not). _00001_ etc. is appended."}),
+            "precision": (list(PRECISIONS), {"default": "fp16", "tooltip":
+                          "dtype of the stored weight deltas: fp16 (default) halves the file against fp32 and applies "
+                          "within fp16 rounding of the trained deltas; bf16 keeps fp32's range with less precision; "
+                          "fp32 stores them exactly as trained. Prompt tokens are always stored exactly."}),
         }}
 
-    def save(self, erasure, filename_prefix):
-        path = save_erasure(erasure, filename_prefix)
+    def save(self, erasure, filename_prefix, precision="fp16"):
+        path = save_erasure(erasure, filename_prefix, precision)
         name = os.path.relpath(path, default_folder()).replace(os.sep, "/")
         return {"ui": {"erasure_files": [name]}}
 

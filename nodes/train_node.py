@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..erasure import apply_erasure
 from ..erasure.concept_erasure import PLACEMENTS
-from ..trainer import DTYPES, METHODS, TrainSettings, draw_loss_curves, train_erasure
+from ..trainer import CHECKPOINTING, DTYPES, METHODS, TrainSettings, draw_loss_curves, train_erasure
 from .types import CATEGORY, CONCEPT_ERASURE
 
 _DEFAULTS = TrainSettings()
@@ -86,8 +86,14 @@ class TrainConceptErasure:
                 "rank": _int(d.rank, 0, 1024, "0 = full weight deltas; > 0 = LoRA factors of this rank (required "
                                               "for esd_u)."),
                 "dtype": (list(DTYPES), {"default": d.dtype, "tooltip":
-                          "Compute precision: auto = bf16 autocast on GPU (fp16 if bf16 is missing), fp32 on CPU; "
-                          "fp32 = no autocast (the model's own dtype)."}),
+                          "The one dtype the UNet computes in while training (the trained deltas stay fp32). auto = "
+                          "the dtype ComfyUI loaded the model in (fp16/bf16 on a GPU, so no copy of the weights is "
+                          "made; fp32 on the CPU); fp16 adds a loss scaler; bf16 only where the GPU runs it "
+                          "natively; fp32 on a GPU holds an fp32 copy of the weights for the run."}),
+                "gradient_checkpointing": (list(CHECKPOINTING), {"default": d.gradient_checkpointing, "tooltip":
+                                           "Recompute the UNet's transformer activations in backward instead of "
+                                           "keeping them: less memory, about a third slower. auto = on only when "
+                                           "the run would not fit the device's free memory otherwise."}),
                 "concept_label": ("STRING", {"default": "", "multiline": False, "tooltip":
                                   "Name of the erased concept, stored in the erasure file (conditioning carries no "
                                   "text). Several concepts: one per line."}),
@@ -100,15 +106,15 @@ class TrainConceptErasure:
 
     def train(self, model, concept, unconditional, method, iterations, learning_rate, prompt_learning_rate,
               negative_guidance, prompt_tokens, placement, erase_weight, key_weight, preserve_weight, sampling_steps,
-              sampling_cfg, trajectory_refresh, batch_size, resolution, seed, rank, dtype, concept_label="",
-              preserve=None):
+              sampling_cfg, trajectory_refresh, batch_size, resolution, seed, rank, dtype, gradient_checkpointing="auto",
+              concept_label="", preserve=None):
         settings = TrainSettings(
             method=method, iterations=iterations, learning_rate=learning_rate,
             prompt_learning_rate=prompt_learning_rate, negative_guidance=negative_guidance,
             prompt_tokens=prompt_tokens, placement=placement, erase_weight=erase_weight, key_weight=key_weight,
             preserve_weight=preserve_weight, sampling_steps=sampling_steps, sampling_cfg=sampling_cfg,
             trajectory_refresh=trajectory_refresh, batch_size=batch_size, resolution=resolution, seed=seed,
-            rank=rank, dtype=dtype)
+            rank=rank, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
         result = train_erasure(model, concept, unconditional, preserve, settings, concept_label)
         return (apply_erasure(model, result.erasure), result.erasure, draw_loss_curves(result.losses))
 

@@ -34,10 +34,10 @@ def untouched(model, options_before):
     return not model.patches and repr(model.model_options) == options_before
 
 
-def save_and_load(erasure):
+def save_and_load(erasure, precision="fp32"):
     """Save then Load through the nodes, under inference mode like the host; returns (name, loaded)."""
     with torch.inference_mode():
-        ui = SaveConceptErasure().save(erasure, "concept_erasure/test")["ui"]
+        ui = SaveConceptErasure().save(erasure, "concept_erasure/test", precision)["ui"]
         (name,) = ui["erasure_files"]
         assert name in LoadConceptErasure.INPUT_TYPES()["required"]["erasure_name"][0]
         (loaded,) = LoadConceptErasure().load(name)
@@ -113,6 +113,46 @@ def test_bad_files_are_refused_before_any_model_is_touched(models_dir):
     with pytest.raises(ErasureError, match=r"to_k.weight'.*\[3, 768\]"):
         RecoverErasedConcept().recover(model, loaded)
     assert untouched(model, options_before)
+
+
+def rounded(erasure, dtype):
+    """The erasure with its weight deltas rounded to `dtype` and back, as a file stored in `dtype` holds them."""
+    def r(t):
+        return t.to(dtype).float()
+    return erasure.replace(deltas={k: LowRankDelta(r(d.up), r(d.down), d.alpha) if isinstance(d, LowRankDelta)
+                                   else r(d) for k, d in erasure.deltas.items()})
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_compact_save_stores_deltas_in_its_dtype_and_applies_as_the_rounded_erasure(models_dir, precision, dtype):
+    model = build_model("sd15")
+    erasure = make_erasure(model, False)
+    x, context = inputs()
+    name, loaded = save_and_load(erasure, precision)
+    _, exact = save_and_load(erasure, "fp32")
+    compact_size = (models_dir / "concept_erasure" / name).stat().st_size
+    exact_size = (models_dir / "concept_erasure" / name.replace("00001", "00002")).stat().st_size
+    assert loaded.deltas[MID + ".to_k.weight"].dtype == dtype and loaded.deltas[MID + ".to_v.weight"].up.dtype == dtype
+    assert torch.equal(loaded.prompt_k, erasure.prompt_k)  # the key stays exact
+    delta_bytes = sum(t.numel() * 2 for d in erasure.deltas.values()
+                      for t in ((d.up, d.down) if isinstance(d, LowRankDelta) else (d,)))
+    assert abs(exact_size - compact_size - delta_bytes) <= 64  # half of every delta's float32 bytes (+ header padding)
+    with torch.inference_mode():
+        (patched,) = ApplyConceptErasure().apply(model, loaded, 1.0)
+    out = predict(patched, x, 1.0, context)
+    assert torch.equal(out, predict(apply_erasure(model, rounded(erasure, dtype)), x, 1.0, context))
+    exact_out = predict(apply_erasure(model, erasure), x, 1.0, context)
+    change = (exact_out - predict(model, x, 1.0, context)).abs().max()
+    assert (out - exact_out).abs().max() < 0.02 * change
+
+
+def test_save_refuses_a_delta_that_overflows_fp16_and_leaves_no_file(models_dir):
+    model = build_model("sd15")
+    erasure = make_erasure(model, False)
+    erasure.deltas[MID + ".to_k.weight"] = erasure.deltas[MID + ".to_k.weight"] * 1e6
+    with pytest.raises(ErasureError, match="to_k.weight' does not fit torch.float16.*fp32 or bf16"):
+        SaveConceptErasure().save(erasure, "concept_erasure/big", "fp16")
+    assert not any((models_dir / "concept_erasure").iterdir())
 
 
 def test_load_dropdown_lists_only_safetensors(models_dir):

@@ -54,7 +54,7 @@ def test_trained_erasure_saves_loads_and_applies_to_a_fresh_model_identically(mo
                          seed=11)
     with torch.inference_mode():
         erased, erasure, curves = TrainConceptErasure().train(**inputs)
-        ui = SaveConceptErasure().save(erasure, "concept_erasure/trained")["ui"]
+        ui = SaveConceptErasure().save(erasure, "concept_erasure/trained", "fp32")["ui"]
         (loaded,) = LoadConceptErasure().load(ui["erasure_files"][0])
         fresh = build_model("sd15", seed=0)
         (reapplied,) = ApplyConceptErasure().apply(fresh, loaded, 1.0)
@@ -70,7 +70,9 @@ def test_trained_erasure_saves_loads_and_applies_to_a_fresh_model_identically(mo
         assert trained.concepts == ["a red cube", "its shadow"]
         assert trained.method == "lp" and trained.base_model == "SD15" and trained.pack_version == PACK_VERSION
         assert trained.settings["iterations"] == 4 and trained.settings["seed"] == 11
-        assert set(trained.settings) == {f.name for f in dataclasses.fields(TrainSettings)}
+        assert set(trained.settings) == {f.name for f in dataclasses.fields(TrainSettings)} | {
+            "compute_dtype", "gradient_checkpointing_used"}
+        assert trained.settings["compute_dtype"] == "fp32" and trained.settings["gradient_checkpointing_used"] is False
         created = datetime.datetime.fromisoformat(trained.created)
         assert created.tzinfo is not None and abs(datetime.datetime.now(datetime.timezone.utc) - created).seconds < 600
     json.dumps(loaded.settings)

@@ -73,7 +73,7 @@ def test_trajectories_are_cfg_euler_steps_of_the_model():
     concept, uncond = context(seed=1), context(seed=2)
     layers = target_layers(model.model.diffusion_model, "esd_x")
     deltas = DeltaSet(layers, 0, torch.Generator(), "cpu")
-    denoiser = Denoiser(model, deltas, None, "eps", None)
+    denoiser = Denoiser(model.model, {}, model.load_device, deltas, None, "eps")
     timesteps, sigmas, all_sigmas = sampling_schedule(model.model.model_sampling, 3)
     cfg = 3.0
     pool = sample_trajectories(denoiser, [{"c_crossattn": concept}], {"c_crossattn": uncond}, [0, 0], (4, 16, 16),
@@ -165,7 +165,7 @@ def test_prompt_patch_on_trainable_tokens_passes_gradients():
     deltas = DeltaSet(target_layers(base.diffusion_model, "esd_x"), 0, torch.Generator(), "cpu")
     p_k = torch.nn.Parameter(torch.randn(2, 768, generator=torch.Generator().manual_seed(1)))
     p_v = torch.nn.Parameter(torch.randn(2, 768, generator=torch.Generator().manual_seed(2)))
-    denoiser = Denoiser(model, deltas, PromptPatch(p_k, p_v, "mid"), "eps", None)
+    denoiser = Denoiser(base, {}, model.load_device, deltas, PromptPatch(p_k, p_v, "mid"), "eps")
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     sigma = torch.tensor([1.0])
     with torch.inference_mode(False), trainable_model(base), deltas.attached():

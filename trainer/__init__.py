@@ -3,16 +3,22 @@
 settings.py       every setting, validated before anything is loaded
 conditioning.py   CONDITIONING -> apply_model keyword tensors, width checks
 prediction.py     eps / v parameterisation and the sampling schedule
-host_autograd.py  inference-mode escape and the in-place residual shim (only when the host needs it)
+precision.py      what the dtype setting means: the one dtype the UNet computes in, and the fp16 loss scaler
+host_autograd.py  inference-mode escape, weights in the compute dtype for the run, the in-place residual shim
 deltas.py         trainable weight deltas (full or LoRA) added by forward hooks
 denoiser.py       teacher / student / student-with-prompt views of one UNet
+checkpointing.py  gradient checkpointing of the UNet's transformers
 trajectories.py   x_t sampled by the student, reused for trajectory_refresh iterations
+iteration.py      the trainables, one iteration's loss terms and the optimizer step
+memory_count.py   shape-only models and a live-bytes counter
+memory_plan.py    the run's memory, counted before it starts; load whole or refuse with what would fit
 erasure_loop.py   the loop, producing a ConceptErasure
 loss_plot.py      loss curves as a ComfyUI IMAGE
 """
 from .erasure_loop import TrainingError, TrainingResult, train_erasure
 from .loss_plot import draw_loss_curves
-from .settings import DTYPES, METHODS, TrainSettings
+from .memory_plan import MemoryPlan, TrainingMemoryError
+from .settings import CHECKPOINTING, DTYPES, METHODS, TrainSettings
 
-__all__ = ["TrainingError", "TrainingResult", "train_erasure", "draw_loss_curves", "DTYPES", "METHODS",
-           "TrainSettings"]
+__all__ = ["TrainingError", "TrainingResult", "train_erasure", "draw_loss_curves", "MemoryPlan",
+           "TrainingMemoryError", "CHECKPOINTING", "DTYPES", "METHODS", "TrainSettings"]

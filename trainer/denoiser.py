@@ -1,7 +1,6 @@
 """One UNet seen three ways: the frozen teacher, the student (deltas on), the student with the prompt attached."""
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -13,15 +12,16 @@ from .prediction import model_output
 
 
 class Denoiser:
-    def __init__(self, patcher, deltas: DeltaSet, prompt: Optional[PromptPatch], kind: str,
-                 autocast_dtype: Optional[torch.dtype]):
-        self.base = patcher.model
+    """Computes in the UNet's own dtype (trainable_model sets it to the compute dtype); outputs are float32."""
+
+    def __init__(self, base_model, transformer_options: dict, device, deltas: DeltaSet, prompt: Optional[PromptPatch],
+                 kind: str):
+        self.base = base_model
         self.deltas = deltas
         self.kind = kind
         self.sigma_data = float(getattr(self.base.model_sampling, "sigma_data", 1.0))
-        self.autocast_dtype = autocast_dtype
-        self.device = patcher.load_device
-        options = patcher.model_options.get("transformer_options", {})
+        self.device = device
+        options = transformer_options
         self._plain = dict(options)
         self._prompted = dict(options)
         if prompt is not None:
@@ -29,17 +29,12 @@ class Denoiser:
             patches["attn2_patch"] = list(patches.get("attn2_patch", [])) + [prompt]
             self._prompted["patches"] = patches
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=self.autocast_dtype)
-
     def denoised(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, *, deltas: bool, prompt: bool,
                  cond_or_uncond: Sequence[int] = (0,)) -> torch.Tensor:
         options = dict(self._prompted if prompt else self._plain)
         options["cond_or_uncond"] = list(cond_or_uncond)
         options["sigmas"] = sigma
-        with self.deltas.switched(deltas), self._autocast():
+        with self.deltas.switched(deltas):
             return self.base.apply_model(x, sigma, transformer_options=options, **cond)
 
     def output(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, *, deltas: bool, prompt: bool,

@@ -1,33 +1,29 @@
-"""The training loop: ESD targets from the frozen model, learnable prompt + weight deltas for the student.
-
-Per iteration (x_t, t pairs come from trajectories sampled by the student, see trajectories.py):
-  teacher (no deltas, no prompt), one batched call:   e0 = eps*(x_t, uncond), ep = eps*(x_t, c) [, eps*(x_t, c_p)]
-  target = e0 - eta * (ep - e0)
-  erase:    |eps_theta(x_t, c) - target|^2      without the prompt (lp, esd_*) or with it (lp_attached)
-  key:      |eps_theta,P(x_t, c) - ep|^2         lp only: the prompt carries the concept, the weights lose it
-  preserve: |eps_theta(x_t, c_p) - eps*(x_t, c_p)|^2   one preserved concept drawn per pair
-"eps" is the UNet's own output: eps for eps models, v for v-prediction models (the ESD combination is affine,
-so the same formula holds in either parameterisation).
+"""The training loop: ESD targets from the frozen model, learnable prompt + weight deltas for the student
+(the terms are in iteration.py). Before the first iteration the run's memory is planned and the model is loaded
+whole onto its device, or the run is refused (memory_plan.py).
 """
 from __future__ import annotations
 
 import datetime
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 import comfy.model_management
 import comfy.utils
 
-from ..erasure.concept_erasure import ConceptErasure, PromptPatch, model_context_dim
+from ..erasure.concept_erasure import ConceptErasure, model_context_dim
 from ..erasure.version import PACK_VERSION
-from .conditioning import check_width, conditioning_entries, encode_entries, stack
-from .deltas import DeltaSet, target_layers
+from .checkpointing import checkpointed_transformers
+from .conditioning import check_width, conditioning_entries, encode_entries
 from .denoiser import Denoiser
 from .host_autograd import trainable_model
+from .iteration import build_trainables, loss_terms, optimizer_step
+from .memory_plan import MemoryPlan, MemoryPlanner, RunShape, TrainingMemoryError, fit
+from .precision import compute_dtype, loss_scaler, weight_dtype
 from .prediction import prediction_kind, sampling_schedule
 from .settings import TrainSettings
 from .trajectories import sample_trajectories
@@ -41,16 +37,7 @@ class TrainingError(RuntimeError):
 class TrainingResult:
     erasure: ConceptErasure
     losses: Dict[str, List[float]] = field(default_factory=dict)
-
-
-def autocast_dtype(setting: str, device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None to compute in the weights' own dtype (fp32, and auto on the CPU)."""
-    device = torch.device(device)
-    if setting == "fp32" or (setting == "auto" and device.type != "cuda"):
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+    memory: Optional[MemoryPlan] = None
 
 
 def default_resolution(context_dim: int) -> int:
@@ -114,37 +101,29 @@ class _LossLog:
         self.pending.clear()
 
 
-def _loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concepts, preserves,
-                backward) -> Dict[str, torch.Tensor]:
-    """One iteration's loss terms, back-propagated (concepts / preserves: one cond per pair, or no preserves)."""
-    chunks = 3 if preserves else 2
-    with torch.no_grad():  # teacher: uncond, concept [, preserved concept] in one batch
-        teacher = denoiser.output(x_t.repeat(chunks, 1, 1, 1), sigma.repeat(chunks),
-                                  stack([uncond] * len(concepts) + concepts + preserves),
-                                  deltas=False, prompt=False, cond_or_uncond=[1, 0, 0][:chunks])
-    e0, ep, *kept = teacher.chunk(chunks)
-    target = e0 - s.negative_guidance * (ep - e0)
+def load_whole(patcher, plan: MemoryPlan) -> None:
+    """Load the UNet fully onto its device, asking ComfyUI to free what the plan needs beside it (it unloads other
+    models); a partial (lowvram) load is refused: every weight must be on the device for training."""
+    kwargs = {}
+    if "force_full_load" in inspect.signature(comfy.model_management.load_models_gpu).parameters:
+        kwargs["force_full_load"] = True
+    comfy.model_management.load_models_gpu([patcher], memory_required=plan.beyond_weights, **kwargs)
+    device = torch.device(patcher.load_device)
+    params = list(patcher.model.diffusion_model.parameters())
+    elsewhere = [p for p in params if p.device.type != device.type]
+    if elsewhere:
+        raise TrainingMemoryError(
+            f"ComfyUI loaded the UNet only in part onto {device} ({len(params) - len(elsewhere)} of {len(params)} "
+            f"weights; lowvram mode), and training needs all of it there: {plan.describe()}. Free memory on the "
+            "device (close other programs, or start ComfyUI without --lowvram / --novram) or lower the resolution "
+            "or rank. Nothing was changed.")
 
-    terms: Dict[str, torch.Tensor] = {}
-    erase = s.erase_weight > 0
-    if erase or preserves:  # student without the key prompt (with it for lp_attached): erase [+ preserve]
-        parts = int(erase) + int(bool(preserves))
-        student = denoiser.output(x_t.repeat(parts, 1, 1, 1), sigma.repeat(parts),
-                                  stack((concepts if erase else []) + preserves), deltas=True,
-                                  prompt=s.method == "lp_attached", cond_or_uncond=[0] * parts).chunk(parts)
-        loss = 0.0
-        if erase:
-            terms["erase"] = F.mse_loss(student[0], target)
-            loss = loss + s.erase_weight * terms["erase"]
-        if preserves:
-            terms["preserve"] = F.mse_loss(student[-1], kept[0])
-            loss = loss + s.preserve_weight * terms["preserve"]
-        backward(loss)
-    if s.trains_key:  # student with the key prompt reproduces the original concept
-        keyed = denoiser.output(x_t, sigma, stack(concepts), deltas=True, prompt=True)
-        terms["key"] = F.mse_loss(keyed, ep)
-        backward(s.key_weight * terms["key"])
-    return terms
+
+def plan_and_load(patcher, planner: MemoryPlanner, s: TrainSettings, resolution: int) -> MemoryPlan:
+    device = torch.device(patcher.load_device)
+    mm = comfy.model_management
+    return fit(planner, s, resolution, s.gradient_checkpointing, free_now=lambda: mm.get_free_memory(device),
+               total_memory=mm.get_total_memory(device), load=lambda plan: load_whole(patcher, plan))
 
 
 def _train(model, concept, unconditional, preserve, settings: TrainSettings, context_dim: int, kind: str,
@@ -154,31 +133,24 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
     patcher = model.clone()
     base = patcher.model
     channels = getattr(base.latent_format, "latent_channels", None) or base.diffusion_model.in_channels
-    size = (s.resolution or default_resolution(context_dim)) // 8
-    latent_shape = (channels, size, size)
-    rows = s.batch_size * (3 if use_preserve else 2)
-    training_memory = 3 * patcher.memory_required([rows, *latent_shape])  # activations kept for backward
-    comfy.model_management.load_models_gpu([patcher], memory_required=training_memory)
+    resolution = s.resolution or default_resolution(context_dim)
+    latent_shape = (channels, resolution // 8, resolution // 8)
     device = torch.device(patcher.load_device)
+    dtype = compute_dtype(s.dtype, device, weight_dtype(base.diffusion_model))
     gen = torch.Generator().manual_seed(s.seed)
 
     concepts_c = encode_entries(base, concept, latent_shape, device, "positive", s.seed)
     uncond_c = encode_entries(base, [unconditional], latent_shape, device, "negative", s.seed)[0]
     preserve_c = encode_entries(base, preserve, latent_shape, device, "positive", s.seed) if use_preserve else []
+    options = patcher.model_options.get("transformer_options", {})
+    planner = MemoryPlanner(RunShape(base, options, device, dtype, channels, context_dim, kind, concepts_c, uncond_c,
+                                     preserve_c))
+    plan = plan_and_load(patcher, planner, s, resolution)
     timesteps, sigmas, all_sigmas = sampling_schedule(base.model_sampling, s.sampling_steps)
 
-    deltas = DeltaSet(target_layers(base.diffusion_model, s.method), s.rank, gen, device)
-    groups = [{"params": deltas.parameters(), "lr": s.learning_rate}]
-    prompt = None
-    if s.uses_prompt:  # initialised at the scale of the text encoder's tokens
-        scale = float(torch.cat([c["c_crossattn"].flatten().float().cpu() for c in concepts_c]).std())
-        prompt_k = torch.nn.Parameter((torch.randn(s.prompt_tokens, context_dim, generator=gen) * scale).to(device))
-        prompt_v = torch.nn.Parameter((torch.randn(s.prompt_tokens, context_dim, generator=gen) * scale).to(device))
-        prompt = PromptPatch(prompt_k, prompt_v, s.placement)
-        groups.append({"params": [prompt_k, prompt_v], "lr": s.prompt_learning_rate})
-    optimizer = torch.optim.Adam(groups)
-    amp = autocast_dtype(s.dtype, device)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
+    token_scale = float(torch.cat([c["c_crossattn"].flatten().float().cpu() for c in concepts_c]).std())
+    parts = build_trainables(base.diffusion_model, s, context_dim, token_scale, device, gen)
+    scaler = loss_scaler(dtype, device)
     log = _LossLog(s, sync_every=1 if device.type == "cpu" else 10)
     progress = comfy.utils.ProgressBar(s.iterations)
     check_interrupt = comfy.model_management.throw_exception_if_processing_interrupted
@@ -186,8 +158,9 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
     def backward(loss):
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    with trainable_model(base), deltas.attached():
-        denoiser = Denoiser(patcher, deltas, prompt, kind, amp)
+    with trainable_model(base, dtype), parts.deltas.attached(), \
+            checkpointed_transformers(base.diffusion_model, parts.deltas, plan.checkpointing):
+        denoiser = Denoiser(base, options, device, parts.deltas, parts.prompt, kind)
         pool = None
         for it in range(s.iterations):
             check_interrupt()
@@ -198,31 +171,27 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
                                            check_interrupt=check_interrupt)
             x_t, sigma, picked = pool.draw(s.batch_size, gen)
             kept = torch.randint(len(preserve_c), (s.batch_size,), generator=gen).tolist() if use_preserve else []
-            terms = _loss_terms(denoiser, s, x_t, sigma, uncond_c, [concepts_c[j] for j in picked],
-                                [preserve_c[j] for j in kept], backward)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            terms = loss_terms(denoiser, s, x_t, sigma, uncond_c, [concepts_c[j] for j in picked],
+                               [preserve_c[j] for j in kept], backward)
+            optimizer_step(parts, scaler)
             log.add(it + 1, terms)
             progress.update(1)
             if on_iteration is not None:
                 on_iteration(it + 1)
 
+    prompt = parts.prompt
     erasure = ConceptErasure(
         context_dim=context_dim,
         prompt_k=prompt.prompt_k.detach().float().cpu().clone() if prompt is not None else None,
         prompt_v=prompt.prompt_v.detach().float().cpu().clone() if prompt is not None else None,
         placement=s.placement,
-        deltas=deltas.export(),
+        deltas=parts.deltas.export(),
         prompt_at_inference=s.method == "lp_attached",
         concepts=concepts,
         method=s.method,
-        settings=s.to_dict(),
+        settings=dict(s.to_dict(), compute_dtype=plan.dtype, gradient_checkpointing_used=plan.checkpointing),
         base_model=type(base.model_config).__name__,
         pack_version=PACK_VERSION,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    return TrainingResult(erasure, log.history)
+    return TrainingResult(erasure, log.history, plan)

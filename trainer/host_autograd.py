@@ -6,12 +6,14 @@ Two host facts (see HOST.md, traps 1 and 2):
 - some hosts (the PyPI fork) add transformer residuals in place after LayerNorm saved its input, which breaks
   backward. That is detected by one tiny backward through a real block, and only then shimmed with forward
   pre-hooks that hand the norms a copy of their input. The hooks are removed when training ends.
+And one choice of the pack: the frozen weights are used in the training's compute dtype (see precision.py), so a
+model ComfyUI loaded in another dtype gets a converted copy for the run, and its own tensors back afterwards.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -77,21 +79,47 @@ def install_residual_shim(unet: torch.nn.Module) -> List[torch.utils.hooks.Remov
     return handles
 
 
-@contextlib.contextmanager
-def trainable_model(base_model: torch.nn.Module) -> Iterator[bool]:
-    """Inside inference_mode(False): frozen, autograd-ready weights, with the in-place shim when the host needs it.
+def convert_weights(unet: torch.nn.Module, dtype: Optional[torch.dtype], restore: list) -> None:
+    """Swap the UNet's floating-point parameters and buffers that are not in `dtype` for copies in it (made once).
 
-    Yields whether the shim was installed. Afterwards the hooks are gone and requires_grad is as before;
-    the swapped tensors stay (same values) so no second copy of the weights is ever held.
+    Appends what to put back to `restore`: (the module's parameter or buffer table, name, original tensor).
+    """
+    if dtype is None:
+        return
+    for module in unet.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                    continue
+                copy = tensor.detach().to(dtype)
+                table[name] = torch.nn.Parameter(copy, requires_grad=False) if table is module._parameters else copy
+                restore.append((table, name, tensor))
+
+
+@contextlib.contextmanager
+def trainable_model(base_model: torch.nn.Module, compute_dtype: Optional[torch.dtype] = None) -> Iterator[bool]:
+    """Inside inference_mode(False): frozen, autograd-ready weights in `compute_dtype` (None: as loaded), with the
+    in-place shim when the host needs it.
+
+    Yields whether the shim was installed. Afterwards the hooks are gone, weights converted for the run are the
+    original tensors again, the UNet's dtype attributes and requires_grad are as before.
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError("trainable_model must be entered inside torch.inference_mode(False)")
     flags = {name: p.requires_grad for name, p in base_model.named_parameters()}
-    replace_inference_tensors(base_model)
-    base_model.requires_grad_(False)
+    unet = base_model.diffusion_model
+    attributes = {"dtype": getattr(unet, "dtype", None), "manual_cast_dtype": getattr(base_model, "manual_cast_dtype",
+                                                                                       None)}
+    restore: List[Tuple[dict, str, torch.Tensor]] = []
     handles: List[torch.utils.hooks.RemovableHandle] = []
     try:
-        unet = base_model.diffusion_model
+        convert_weights(unet, compute_dtype, restore)
+        replace_inference_tensors(base_model)
+        if compute_dtype is not None:
+            # apply_model casts its inputs to manual_cast_dtype, or else to the UNet's dtype attribute
+            unet.dtype = compute_dtype
+            base_model.manual_cast_dtype = None
+        base_model.requires_grad_(False)
         if residuals_break_backward(unet):
             handles = install_residual_shim(unet)
             log.info("concept erasure: this ComfyUI adds transformer residuals in place; shimmed %d norms for "
@@ -103,5 +131,10 @@ def trainable_model(base_model: torch.nn.Module) -> Iterator[bool]:
     finally:
         for handle in handles:
             handle.remove()
+        for table, name, original in restore:
+            table[name] = original
+        if compute_dtype is not None:
+            unet.dtype = attributes["dtype"]
+            base_model.manual_cast_dtype = attributes["manual_cast_dtype"]
         for name, p in base_model.named_parameters():
             p.requires_grad_(flags.get(name, False))

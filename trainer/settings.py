@@ -11,6 +11,7 @@ from ..erasure.concept_erasure import PLACEMENTS, ErasureError
 METHODS = ("lp", "lp_attached", "esd_x", "esd_u")
 PROMPT_METHODS = ("lp", "lp_attached")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+CHECKPOINTING = ("auto", "on", "off")
 MAX_SAMPLING_STEPS = 1000
 
 
@@ -36,6 +37,7 @@ class TrainSettings:
     seed: int = 0
     rank: int = 0
     dtype: str = "auto"
+    gradient_checkpointing: str = "auto"
 
     @property
     def uses_prompt(self) -> bool:
@@ -53,6 +55,7 @@ class TrainSettings:
         _choice("method", self.method, METHODS)
         _choice("placement", self.placement, PLACEMENTS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
         _at_least("iterations", self.iterations, 1)
         _at_least("sampling_steps", self.sampling_steps, 1)
         if self.sampling_steps > MAX_SAMPLING_STEPS:

@@ -1,0 +1,234 @@
+"""How much memory a training run needs, counted before it starts, and whether the device can hold it.
+
+The plan is made of:
+  weights        the UNet as ComfyUI loaded it (resident whatever the trainer does)
+  weight copies  the same weights converted to the compute dtype for the run (0 when they are loaded in it)
+  trainable      deltas and prompt tokens: float32 values and Adam's two moments
+  iteration      the peak of one iteration on top of those: activations kept for backward (fewer with gradient
+                 checkpointing), gradients, the teacher's batch, the optimizer's temporaries, the trajectory pool
+The iteration is counted, not estimated: the trainer's own iteration code runs once on a shape-only copy of the
+model (memory_count.py), with the same settings, so every tensor it creates is seen with its size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .checkpointing import checkpointed_transformers
+from .conditioning import Cond
+from .denoiser import Denoiser
+from .host_autograd import trainable_model
+from .iteration import build_trainables, loss_terms, optimizer_step
+from .memory_count import LiveBytes, counting_device, fake_mode, shape_only_model, tensor_bytes
+from .precision import NAMES
+from .settings import TrainSettings
+
+log = logging.getLogger(__name__)
+
+GiB = 2 ** 30
+# Not tensors, so not counted: the caching allocator's rounding and fragmentation and the cuBLAS / cuDNN
+# workspaces. Kept free on accelerators on top of the plan.
+ACCELERATOR_HEADROOM = 0.10
+ACCELERATOR_RESERVE = 256 * 2 ** 20
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device: str
+    dtype: str
+    checkpointing: bool
+    resolution: int
+    weights: int
+    weight_copies: int
+    trainable_params: int
+    trainable: int
+    iteration: int
+    settings: TrainSettings
+
+    @property
+    def headroom(self) -> int:
+        if torch.device(self.device).type == "cpu":
+            return 0
+        return int(ACCELERATOR_HEADROOM * (self.weight_copies + self.trainable + self.iteration)) + ACCELERATOR_RESERVE
+
+    @property
+    def counted(self) -> int:
+        """Everything the count saw: weights, copies, trainable state and the iteration's peak."""
+        return self.weights + self.weight_copies + self.trainable + self.iteration
+
+    @property
+    def beyond_weights(self) -> int:
+        """What must be free once the UNet is loaded."""
+        return self.weight_copies + self.trainable + self.iteration + self.headroom
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.beyond_weights
+
+    def describe(self) -> str:
+        s = self.settings
+        deltas = "full deltas" if s.rank == 0 else f"rank {s.rank}"
+        parts = [f"weights {gib(self.weights)}"]
+        if self.weight_copies:
+            parts.append(f"{self.dtype} copy of the weights {gib(self.weight_copies)}")
+        parts.append(f"trainable {gib(self.trainable)} ({self.trainable_params / 1e6:.1f} M parameters with Adam's "
+                     "moments)")
+        parts.append(f"one iteration {gib(self.iteration)}")
+        if self.headroom:
+            parts.append(f"allocator headroom {gib(self.headroom)}")
+        return (f"{gib(self.total)} on {self.device} ({s.method}, {deltas}, {self.dtype}, {self.resolution} px, "
+                f"batch {s.batch_size}, gradient checkpointing {'on' if self.checkpointing else 'off'}: "
+                f"{', '.join(parts)})")
+
+
+class TrainingMemoryError(RuntimeError):
+    """The run cannot fit the device; raised before the first iteration, nothing was changed."""
+
+
+@dataclass
+class RunShape:
+    """What the count needs to know of a run besides its settings: the model and its conditioning."""
+
+    base_model: object
+    transformer_options: dict
+    load_device: object
+    compute_dtype: torch.dtype
+    latent_channels: int
+    context_dim: int
+    kind: str
+    concepts: Sequence[Cond]
+    unconditional: Cond
+    preserves: Sequence[Cond]
+
+
+class MemoryPlanner:
+    """Counts plans for a run, caching each (settings, resolution, checkpointing) it has counted."""
+
+    def __init__(self, run: RunShape):
+        self.run = run
+        self._cache: Dict[tuple, MemoryPlan] = {}
+        unet = run.base_model.diffusion_model
+        tensors = [t for t in list(unet.parameters()) + list(unet.buffers())]
+        self.weights = sum(t.numel() * t.element_size() for t in tensors)
+        itemsize = torch.empty((), dtype=run.compute_dtype).element_size()
+        self.weight_copies = sum(t.numel() * itemsize for t in tensors
+                                 if t.is_floating_point() and t.dtype != run.compute_dtype)
+
+    def plan(self, s: TrainSettings, resolution: int, checkpointing: bool) -> MemoryPlan:
+        key = (dataclasses.astuple(s), resolution, checkpointing)
+        if key not in self._cache:
+            iteration, trainable, params = self._count(s, resolution, checkpointing)
+            self._cache[key] = MemoryPlan(
+                device=str(torch.device(self.run.load_device)), dtype=NAMES[self.run.compute_dtype],
+                checkpointing=checkpointing, resolution=resolution, weights=self.weights,
+                weight_copies=self.weight_copies, trainable_params=params, trainable=trainable, iteration=iteration,
+                settings=s)
+        return self._cache[key]
+
+    def _count(self, s: TrainSettings, resolution: int, checkpointing: bool) -> Tuple[int, int, int]:
+        run = self.run
+        device = counting_device(run.load_device)
+        latent = (run.latent_channels, resolution // 8, resolution // 8)
+        mode = fake_mode()
+        model = shape_only_model(run.base_model, run.compute_dtype, device, mode)
+        with torch.inference_mode(False), mode, trainable_model(model):
+            parts = build_trainables(model.diffusion_model, s, run.context_dim, 1.0, device,
+                                     torch.Generator().manual_seed(0),
+                                     foreach=torch.device(run.load_device).type == "cuda")
+            params = parts.parameters()
+            for p in params:  # Adam's moments exist from the first step on: make them before counting
+                p.grad = torch.zeros_like(p)
+            parts.optimizer.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+            state = [t for st in parts.optimizer.state.values() for t in st.values()
+                     if torch.is_tensor(t) and t.numel() > 1]
+            trainable = tensor_bytes(params + state)
+
+            def fake(cond: Cond) -> Cond:
+                return {k: torch.zeros(v.shape, dtype=v.dtype, device=device) for k, v in cond.items()}
+
+            widest = max(run.concepts, key=lambda c: c["c_crossattn"].shape[1])
+            concepts = [fake(widest)] * s.batch_size
+            preserves = [fake(run.preserves[0])] * s.batch_size if run.preserves else []
+            x_t = torch.zeros((s.batch_size, *latent), device=device)
+            sigma = torch.ones(s.batch_size, device=device)
+            denoiser = Denoiser(model, run.transformer_options, device, parts.deltas, parts.prompt, run.kind)
+            with parts.deltas.attached(), checkpointed_transformers(model.diffusion_model, parts.deltas,
+                                                                    checkpointing), LiveBytes() as live:
+                loss_terms(denoiser, s, x_t, sigma, fake(run.unconditional), concepts, preserves,
+                           lambda loss: loss.backward())
+                optimizer_step(parts, None)
+        pool = (s.sampling_steps + 1) * s.batch_size * math.prod(latent) * 4
+        return live.peak + pool, trainable, sum(p.numel() for p in params)
+
+
+def alternatives(s: TrainSettings, resolution: int, checkpointing: bool) -> List[Tuple[str, TrainSettings, int, bool]]:
+    """Cheaper variants of a run to offer when it does not fit: (what to change, settings, resolution, ckpt)."""
+    out = []
+    if not checkpointing:
+        out.append(("gradient_checkpointing on", s, resolution, True))
+    if s.rank == 0 or s.rank > 8:
+        out.append(("rank 8 with gradient_checkpointing on", dataclasses.replace(s, rank=8), resolution, True))
+    if s.batch_size > 1:
+        out.append(("batch_size 1 with gradient_checkpointing on", dataclasses.replace(s, batch_size=1), resolution,
+                    True))
+    smaller = max(256, (resolution * 3 // 4) // 64 * 64)
+    if smaller < resolution:
+        cheap = dataclasses.replace(s, rank=8) if s.rank == 0 or s.rank > 8 else s
+        what = f"resolution {smaller}" + (" with rank 8" if cheap is not s else "") + " and gradient_checkpointing on"
+        out.append((what, cheap, smaller, True))
+    return out
+
+
+def refusal(planner: MemoryPlanner, plan: MemoryPlan, available: int, where: str,
+            need: Callable[[MemoryPlan], int] = lambda p: p.beyond_weights) -> TrainingMemoryError:
+    """The error that names the need, the free memory and what would fit (`need`: the part of a plan that must fit
+    into `available`)."""
+    fits, others = [], []
+    for what, s, resolution, ckpt in alternatives(plan.settings, plan.resolution, plan.checkpointing):
+        try:
+            other = planner.plan(s, resolution, ckpt)
+        except Exception as e:  # the message must come out whatever a variant does
+            log.warning("concept erasure: could not count the variant '%s': %s", what, e)
+            continue
+        (fits if need(other) <= available else others).append(f"{what} (about {gib(other.total)})")
+    if fits:
+        advice = "What would fit: " + "; ".join(fits) + "."
+    elif others:
+        advice = "Nothing cheaper that was tried fits either: " + "; ".join(others) + "."
+    else:
+        advice = "Lower the resolution or use a smaller rank."
+    return TrainingMemoryError(
+        f"Train Concept Erasure needs {plan.describe()}; that is {gib(need(plan))} but only {gib(available)} are "
+        f"free on {plan.device} {where}. {advice} Nothing was changed.")
+
+
+def fit(planner: MemoryPlanner, s: TrainSettings, resolution: int, setting: str, free_now: Callable[[], int],
+        total_memory: int, load: Callable[[MemoryPlan], None]) -> MemoryPlan:
+    """Choose gradient checkpointing (setting auto/on/off), load the model, and return the plan that fits.
+
+    Refuses before loading when even the smallest candidate exceeds the device's total memory, and after loading
+    (ComfyUI has unloaded what it could) when none fits the free memory.
+    """
+    order = [False, True] if setting == "auto" else [setting == "on"]
+    first = planner.plan(s, resolution, order[0])
+    if first.total > total_memory:
+        last = planner.plan(s, resolution, order[-1])
+        if last.total > total_memory:
+            raise refusal(planner, last, total_memory, "in all (the device's total memory)", lambda p: p.total)
+    load(first)
+    available = free_now()
+    for ckpt in order:
+        plan = planner.plan(s, resolution, ckpt)
+        if plan.beyond_weights <= available:
+            return plan
+    raise refusal(planner, plan, available, "beside the loaded model after ComfyUI unloaded what it could")
