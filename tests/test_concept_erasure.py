@@ -225,3 +225,22 @@ def test_bad_erasure_objects_are_refused():
         ConceptErasure(context_dim=768, prompt_k=torch.zeros(2, 1024), prompt_v=torch.zeros(2, 1024))
     with pytest.raises(ErasureError, match="both"):
         ConceptErasure(context_dim=768, prompt_k=torch.zeros(2, 768))
+
+
+@pytest.mark.parametrize("key,layer", [
+    ("diffusion_model.input_blocks.1.0.in_layers.0.weight", "GroupNorm"),
+    (MID_ATTN.replace("attn2", "norm2") + ".weight", "LayerNorm"),
+])
+def test_only_linear_and_conv_weights_may_be_patched(key, layer):
+    model = build_model("sd15")
+    sampling = model.get_model_object("model_sampling")
+    sigmas = sampling.sigmas.clone()
+    erasure = ConceptErasure(context_dim=768, deltas={key: torch.ones(model.model.state_dict()[key].shape)})
+    with pytest.raises(ErasureError) as info:
+        apply_erasure(model, erasure)
+    assert repr(key) in str(info.value) and f"weight of a {layer}" in str(info.value)
+    changed = ConceptErasure(context_dim=768)
+    changed.deltas["model_sampling.sigmas"] = torch.full((1000,), 5.0)  # changed after it was made
+    with pytest.raises(ErasureError, match="'model_sampling.sigmas' is not a UNet weight"):
+        apply_erasure(model, changed)
+    assert not model.patches and torch.equal(sampling.sigmas, sigmas)
