@@ -24,7 +24,8 @@ import comfy.utils
 
 from ..erasure.concept_erasure import ConceptErasure, PromptPatch, model_context_dim
 from ..erasure.version import PACK_VERSION
-from .conditioning import check_width, conditioning_entries, encode_entries, stack
+from .conditioning import (CondBatch, Prompt, check_width, conditioning_entries, encode_entries, pair_weights,
+                           read_prompts)
 from .deltas import DeltaSet, target_layers
 from .denoiser import Denoiser
 from .host_autograd import trainable_model
@@ -75,14 +76,30 @@ def train_erasure(model, concept, unconditional, preserve=None, settings: Option
     preserve = conditioning_entries(preserve, "preserve") if preserve is not None else []
     for name, cond in (("concept", concept), ("unconditional", unconditional), ("preserve", preserve)):
         check_width(cond, name, context_dim)
-    kind = prediction_kind(model.get_model_object("model_sampling"))
+    sampling = model.get_model_object("model_sampling")
+    kind = prediction_kind(sampling)
+    concept, unconditional, preserve = (read_prompts(entries, name, sampling) for entries, name in (
+        (concept, "concept"), (unconditional, "unconditional"), (preserve, "preserve")))
+    recorded = _recorded_inputs(model, concept, preserve)
     try:
         with torch.inference_mode(False):
-            return _train(model, concept, unconditional[0], preserve, settings, context_dim, kind,
-                          concept_names(concept_label), on_iteration)
+            result = _train(model, [p for p in concept if p.weight > 0], unconditional[0],
+                            [p for p in preserve if p.weight > 0], settings, context_dim, kind,
+                            concept_names(concept_label), on_iteration)
     finally:
         if torch.device(model.load_device).type != "cpu":
             comfy.model_management.soft_empty_cache()
+    result.erasure.settings.update(recorded)
+    return result
+
+
+def _recorded_inputs(model, concept: List[Prompt], preserve: List[Prompt]) -> Dict[str, object]:
+    """Stored with the settings: conditioning strengths / ranges, if any."""
+    recorded: Dict[str, object] = {}
+    if any(p.weight != 1.0 or p.timesteps is not None for p in concept + preserve):
+        recorded["conditioning"] = {"concept": [p.record() for p in concept],
+                                    "preserve": [p.record() for p in preserve]}
+    return recorded
 
 
 class _LossLog:
@@ -114,14 +131,28 @@ class _LossLog:
         self.pending.clear()
 
 
-def _loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concepts, preserves,
-                backward) -> Dict[str, torch.Tensor]:
-    """One iteration's loss terms, back-propagated (concepts / preserves: one cond per pair, or no preserves)."""
+def _mse(a: torch.Tensor, b: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean squared error; with per-pair weights, each pair's mean times its weight, averaged over pairs."""
+    if weights is None:
+        return F.mse_loss(a, b)
+    return ((a - b).pow(2).flatten(1).mean(1) * weights).mean()
+
+
+def _loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concepts, preserves, backward,
+                concept_weights: Optional[torch.Tensor] = None,
+                preserve_weights: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """One iteration's loss terms, back-propagated (concepts / preserves: one cond per pair, or no preserves).
+
+    concept_weights / preserve_weights: per pair (the conditioning's strength and range), None = all 1.
+    """
+    def run(conds, cond_or_uncond, x, sig, **views):
+        return CondBatch(conds, cond_or_uncond).run(
+            lambda xs, ss, cond, cu: denoiser.output(xs, ss, cond, cond_or_uncond=cu, **views), x, sig)
+
     chunks = 3 if preserves else 2
     with torch.no_grad():  # teacher: uncond, concept [, preserved concept] in one batch
-        teacher = denoiser.output(x_t.repeat(chunks, 1, 1, 1), sigma.repeat(chunks),
-                                  stack([uncond] * len(concepts) + concepts + preserves),
-                                  deltas=False, prompt=False, cond_or_uncond=[1, 0, 0][:chunks])
+        teacher = run([uncond] * len(concepts) + concepts + preserves, [1, 0, 0][:chunks],
+                      x_t.repeat(chunks, 1, 1, 1), sigma.repeat(chunks), deltas=False, prompt=False)
     e0, ep, *kept = teacher.chunk(chunks)
     target = e0 - s.negative_guidance * (ep - e0)
 
@@ -129,20 +160,19 @@ def _loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concep
     erase = s.erase_weight > 0
     if erase or preserves:  # student without the key prompt (with it for lp_attached): erase [+ preserve]
         parts = int(erase) + int(bool(preserves))
-        student = denoiser.output(x_t.repeat(parts, 1, 1, 1), sigma.repeat(parts),
-                                  stack((concepts if erase else []) + preserves), deltas=True,
-                                  prompt=s.method == "lp_attached", cond_or_uncond=[0] * parts).chunk(parts)
+        student = run((concepts if erase else []) + preserves, [0] * parts, x_t.repeat(parts, 1, 1, 1),
+                      sigma.repeat(parts), deltas=True, prompt=s.method == "lp_attached").chunk(parts)
         loss = 0.0
         if erase:
-            terms["erase"] = F.mse_loss(student[0], target)
+            terms["erase"] = _mse(student[0], target, concept_weights)
             loss = loss + s.erase_weight * terms["erase"]
         if preserves:
-            terms["preserve"] = F.mse_loss(student[-1], kept[0])
+            terms["preserve"] = _mse(student[-1], kept[0], preserve_weights)
             loss = loss + s.preserve_weight * terms["preserve"]
         backward(loss)
     if s.trains_key:  # student with the key prompt reproduces the original concept
-        keyed = denoiser.output(x_t, sigma, stack(concepts), deltas=True, prompt=True)
-        terms["key"] = F.mse_loss(keyed, ep)
+        keyed = run(concepts, [0], x_t, sigma, deltas=True, prompt=True)
+        terms["key"] = _mse(keyed, ep, concept_weights)
         backward(s.key_weight * terms["key"])
     return terms
 
@@ -195,11 +225,14 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
                 choice = torch.randint(len(concepts_c), (s.batch_size,), generator=gen).tolist()
                 pool = sample_trajectories(denoiser, concepts_c, uncond_c, choice, latent_shape, timesteps, sigmas,
                                            all_sigmas, s.sampling_cfg, gen, prompt=s.method == "lp_attached",
-                                           check_interrupt=check_interrupt)
+                                           check_interrupt=check_interrupt,
+                                           timestep_ranges=[p.timesteps for p in concept])
             x_t, sigma, picked = pool.draw(s.batch_size, gen)
             kept = torch.randint(len(preserve_c), (s.batch_size,), generator=gen).tolist() if use_preserve else []
             terms = _loss_terms(denoiser, s, x_t, sigma, uncond_c, [concepts_c[j] for j in picked],
-                                [preserve_c[j] for j in kept], backward)
+                                [preserve_c[j] for j in kept], backward,
+                                pair_weights([concept[j] for j in picked], device),
+                                pair_weights([preserve[j] for j in kept], device, sigma, all_sigmas))
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
