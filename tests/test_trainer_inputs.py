@@ -1,4 +1,5 @@
-"""Odd trainer inputs: conditioning options are honoured (strength, timestep range) or refused (area, mask, ...). Conditioning comes from the host's own
+"""Odd trainer inputs: conditioning options are honoured (strength, timestep range) or refused (area, mask, ...),
+and lp without a key is refused. Conditioning comes from the host's own
 nodes. Each refusal leaves the model as it was, writes no file and starts no iteration."""
 import pytest
 import torch
@@ -90,6 +91,12 @@ def test_a_timestep_range_without_timesteps_is_refused(sd15, models_dir):
     backwards = host_nodes().ConditioningSetTimestepRange().set_range(concept, 0.6, 0.4)[0]
     message = refused_untouched(model, models_dir, backwards, uncond, method="esd_x", iterations=2)
     assert "concept has the timestep range 0.6 to 0.4, which holds no timestep" in message
+
+
+def test_lp_without_a_key_term_is_refused(sd15, models_dir):
+    model, concept, uncond = sd15
+    message = refused_untouched(model, models_dir, concept, uncond, method="lp", key_weight=0.0, iterations=2)
+    assert "key_weight 0 would save its prompt untrained (random) as the key" in message
 
 
 def test_strength_weights_the_erase_and_key_terms(sd15):
