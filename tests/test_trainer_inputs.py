@@ -1,10 +1,11 @@
 """Odd trainer inputs: conditioning options are honoured (strength, timestep range) or refused (area, mask, ...),
-and lp without a key is refused. Conditioning comes from the host's own
+lp without a key is refused, and what the input model carried is recorded. Conditioning comes from the host's own
 nodes. Each refusal leaves the model as it was, writes no file and starts no iteration."""
 import pytest
 import torch
 
-from comfyui_concept_erasure.erasure import ErasureError
+from comfyui_concept_erasure.erasure import ErasureError, load_erasure, write_erasure_file
+from comfyui_concept_erasure.erasure.concept_erasure import PromptPatch
 from comfyui_concept_erasure.trainer import TrainSettings, train_erasure
 from comfyui_concept_erasure.trainer import trajectories
 from comfyui_concept_erasure.trainer.conditioning import pair_weights, read_prompts
@@ -159,3 +160,24 @@ def test_preserve_strength_and_range_weight_each_pair():
     weights = pair_weights([first, first, second, second], "cpu", sigma, all_sigmas)
     assert weights.tolist() == [1.0, 0.0, 3.0, 3.0]
     assert pair_weights([first], "cpu") is None and pair_weights([first], "cpu", sigma[:1], all_sigmas) is not None
+
+
+def test_patches_on_the_input_model_are_recorded_and_round_trip(sd15, tmp_path):
+    model, concept, uncond = sd15
+    key = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    patched = model.clone()
+    patched.add_patches({key: (torch.full((64, 768), 0.01),)})
+    patched.set_model_attn2_patch(PromptPatch(torch.zeros(1, 768), torch.zeros(1, 768), "mid"))
+    patched.model_options["model_function_wrapper"] = lambda apply, args: apply(args["input"], args["timestep"],
+                                                                                **args["c"])
+    erasure = train(patched, concept, uncond, method="esd_x", iterations=1).erasure
+    recorded = erasure.settings["input_model_patches"]
+    assert recorded["weight_patches"] == {"weights": 1, "kinds": {"diff": 1}}
+    assert recorded["transformer_patches"] == {"attn2_patch": ["PromptPatch"]}
+    assert recorded["not_seen_by_training"] == {"model_function_wrapper": [
+        "test_patches_on_the_input_model_are_recorded_and_round_trip.<locals>.<lambda>"]}
+    write_erasure_file(erasure, str(tmp_path / "e.safetensors"))
+    assert load_erasure(str(tmp_path / "e.safetensors")).settings["input_model_patches"] == recorded
+    plain = train(model, concept, uncond, method="esd_x", iterations=1).erasure
+    assert plain.settings["input_model_patches"] == {}
+    assert not torch.equal(plain.deltas[key], erasure.deltas[key])  # training saw the patched model

@@ -29,6 +29,7 @@ from .conditioning import (CondBatch, Prompt, check_width, conditioning_entries,
 from .deltas import DeltaSet, target_layers
 from .denoiser import Denoiser
 from .host_autograd import trainable_model
+from .model_patches import model_patches
 from .prediction import prediction_kind, sampling_schedule
 from .settings import TrainSettings
 from .trajectories import sample_trajectories
@@ -94,8 +95,8 @@ def train_erasure(model, concept, unconditional, preserve=None, settings: Option
 
 
 def _recorded_inputs(model, concept: List[Prompt], preserve: List[Prompt]) -> Dict[str, object]:
-    """Stored with the settings: conditioning strengths / ranges, if any."""
-    recorded: Dict[str, object] = {}
+    """Stored with the settings: what the input model carried, and conditioning strengths / ranges if any."""
+    recorded: Dict[str, object] = {"input_model_patches": model_patches(model)}
     if any(p.weight != 1.0 or p.timesteps is not None for p in concept + preserve):
         recorded["conditioning"] = {"concept": [p.record() for p in concept],
                                     "preserve": [p.record() for p in preserve]}
