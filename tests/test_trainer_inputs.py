@@ -13,13 +13,52 @@ from test_trainer import QUICK, conditioning, hooks_of, state_snapshot
 from tiny_models import build_model
 
 
+class HostNodes:
+    """ComfyUI's own conditioning nodes. Upstream's `nodes` module needs PyAV, which scripts/test_upstream.sh does
+    not install; there the values those nodes set (the same in both hosts) are set with node_helpers."""
+
+    def __init__(self):
+        try:
+            from comfy.nodes import base_nodes as nodes  # the PyPI fork
+        except ImportError:
+            try:
+                import nodes  # upstream ComfyUI
+            except ImportError:
+                nodes = None
+        self.nodes = nodes
+
+    @staticmethod
+    def _set(conditioning, values):
+        try:
+            from comfy.node_helpers import conditioning_set_values
+        except ImportError:
+            from node_helpers import conditioning_set_values
+        return conditioning_set_values(conditioning, values)
+
+    def area(self, c):
+        if self.nodes:
+            return self.nodes.ConditioningSetArea().append(c, 64, 64, 0, 0, 1.0)[0]
+        return self._set(c, {"area": (8, 8, 0, 0), "strength": 1.0, "set_area_to_bounds": False})
+
+    def mask(self, c, mask):
+        if self.nodes:
+            return self.nodes.ConditioningSetMask().append(c, mask, "default", 1.0)[0]
+        return self._set(c, {"mask": mask.unsqueeze(0) if mask.ndim < 3 else mask, "set_area_to_bounds": False,
+                             "mask_strength": 1.0})
+
+    def strength(self, c, strength):
+        if self.nodes:
+            return self.nodes.ConditioningSetAreaStrength().append(c, strength)[0]
+        return self._set(c, {"strength": strength})
+
+    def timestep_range(self, c, start, end):
+        if self.nodes:
+            return self.nodes.ConditioningSetTimestepRange().set_range(c, start, end)[0]
+        return self._set(c, {"start_percent": start, "end_percent": end})
+
+
 def host_nodes():
-    try:
-        from comfy.nodes import base_nodes  # the PyPI fork
-        return base_nodes
-    except ImportError:
-        import nodes  # upstream ComfyUI
-        return nodes
+    return HostNodes()
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +91,8 @@ def mask():
 
 
 @pytest.mark.parametrize("make,fragment", [
-    (lambda n, c: n.ConditioningSetArea().append(c, 64, 64, 0, 0, 1.0)[0], "an area (Conditioning (Set Area))"),
-    (lambda n, c: n.ConditioningSetMask().append(c, mask(), "default", 1.0)[0], "a mask (Conditioning (Set Mask))"),
+    (lambda n, c: n.area(c), "an area (Conditioning (Set Area))"),
+    (lambda n, c: n.mask(c, mask()), "a mask (Conditioning (Set Mask))"),
     (lambda n, c: [[c[0][0], {**c[0][1], "control": object()}]], "a ControlNet"),
     (lambda n, c: [[c[0][0], {**c[0][1], "gligen": ("position", None, [])}]], "GLIGEN"),
     (lambda n, c: [[c[0][0], {**c[0][1], "hooks": object()}]], "conditioning hooks"),
@@ -69,16 +108,16 @@ def test_conditioning_options_without_a_meaning_for_erasure_are_refused(sd15, mo
 
 def test_strength_zero_on_every_concept_is_refused(sd15, models_dir):
     model, concept, uncond = sd15
-    zero = host_nodes().ConditioningSetAreaStrength().append(concept, 0.0)[0]
+    zero = host_nodes().strength(concept, 0.0)
     message = refused_untouched(model, models_dir, zero, uncond, method="esd_x", iterations=2)
     assert message == "every concept has strength 0: there is nothing to erase"
-    both = zero + host_nodes().ConditioningSetAreaStrength().append(conditioning("sd15", 3), 0.0)[0]
+    both = zero + host_nodes().strength(conditioning("sd15", 3), 0.0)
     refused_untouched(model, models_dir, both, uncond, method="esd_x", iterations=2)
 
 
 @pytest.mark.parametrize("make,fragment", [
-    (lambda n, c: n.ConditioningSetAreaStrength().append(c, 0.5)[0], "strength or a timestep range"),
-    (lambda n, c: n.ConditioningSetTimestepRange().set_range(c, 0.0, 0.5)[0], "strength or a timestep range"),
+    (lambda n, c: n.strength(c, 0.5), "strength or a timestep range"),
+    (lambda n, c: n.timestep_range(c, 0.0, 0.5), "strength or a timestep range"),
     (lambda n, c: [[c[0][0], {"strength": float("nan")}]], "strength must be a number from 0 to inf, got nan"),
 ], ids=["strength", "range", "nan-strength"])
 def test_unconditional_strength_and_range_are_refused(sd15, models_dir, make, fragment):
@@ -89,7 +128,7 @@ def test_unconditional_strength_and_range_are_refused(sd15, models_dir, make, fr
 
 def test_a_timestep_range_without_timesteps_is_refused(sd15, models_dir):
     model, concept, uncond = sd15
-    backwards = host_nodes().ConditioningSetTimestepRange().set_range(concept, 0.6, 0.4)[0]
+    backwards = host_nodes().timestep_range(concept, 0.6, 0.4)
     message = refused_untouched(model, models_dir, backwards, uncond, method="esd_x", iterations=2)
     assert "concept has the timestep range 0.6 to 0.4, which holds no timestep" in message
 
@@ -102,9 +141,9 @@ def test_lp_without_a_key_term_is_refused(sd15, models_dir):
 
 def test_strength_weights_the_erase_and_key_terms(sd15):
     model, concept, uncond = sd15
-    set_strength = host_nodes().ConditioningSetAreaStrength()
+    nodes = host_nodes()
     plain = train(model, concept, uncond, method="lp", iterations=1, key_weight=1.0)
-    doubled = train(model, set_strength.append(concept, 2.0)[0], uncond, method="lp", iterations=1, key_weight=1.0)
+    doubled = train(model, nodes.strength(concept, 2.0), uncond, method="lp", iterations=1, key_weight=1.0)
     for term in ("erase", "key"):  # the first iteration sees the same pairs: exactly twice the loss
         assert doubled.losses[term][0] == pytest.approx(2 * plain.losses[term][0], rel=1e-5), term
     assert doubled.erasure.settings["conditioning"] == {"concept": [{"strength": 2.0, "timesteps": None}],
@@ -113,7 +152,7 @@ def test_strength_weights_the_erase_and_key_terms(sd15):
 
     other = conditioning("sd15", 3)
     alone = train(model, other, uncond, method="esd_x", iterations=3).erasure
-    with_zero = train(model, set_strength.append(concept, 0.0)[0] + other, uncond, method="esd_x",
+    with_zero = train(model, nodes.strength(concept, 0.0) + other, uncond, method="esd_x",
                       iterations=3).erasure
     assert all(torch.equal(alone.deltas[k], with_zero.deltas[k]) for k in alone.deltas)  # strength 0: left out
 
@@ -121,7 +160,7 @@ def test_strength_weights_the_erase_and_key_terms(sd15):
 def test_timestep_range_is_the_training_range(sd15, monkeypatch):
     model, concept, uncond = sd15
     sampling = model.get_model_object("model_sampling")
-    ranged = host_nodes().ConditioningSetTimestepRange().set_range(concept, 0.2, 0.6)[0]
+    ranged = host_nodes().timestep_range(concept, 0.2, 0.6)
     (prompt,) = read_prompts(ranged, "concept", sampling)
     low, high = prompt.timesteps
     sigmas = sampling.sigmas
@@ -151,8 +190,8 @@ def test_timestep_range_is_the_training_range(sd15, monkeypatch):
 def test_preserve_strength_and_range_weight_each_pair():
     sampling = build_model("sd15").get_model_object("model_sampling")
     n = host_nodes()
-    kept = n.ConditioningSetTimestepRange().set_range(conditioning("sd15", 3), 0.5, 1.0)[0] \
-        + n.ConditioningSetAreaStrength().append(conditioning("sd15", 4), 3.0)[0]
+    kept = n.timestep_range(conditioning("sd15", 3), 0.5, 1.0) \
+        + n.strength(conditioning("sd15", 4), 3.0)
     first, second = read_prompts(kept, "preserve", sampling)
     all_sigmas = sampling.sigmas.float()
     high = all_sigmas[first.timesteps[1]]
