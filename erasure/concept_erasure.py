@@ -127,7 +127,8 @@ def _check_finite(source: str, name: str, t: torch.Tensor) -> None:
 
 def _check_delta(source: str, key: str, delta: Delta) -> None:
     low_rank = isinstance(delta, LowRankDelta)
-    for part, t in ((("up", delta.up), ("down", delta.down)) if low_rank else (("", delta),)):
+    tensors = (delta.up, delta.down) if low_rank else (delta,)
+    for t in tensors:
         if not torch.is_tensor(t) or not t.is_floating_point():
             raise ErasureError(f"{source}: delta for {key} must be floating point, got "
                                f"{t.dtype if torch.is_tensor(t) else type(t).__name__}")
@@ -137,7 +138,7 @@ def _check_delta(source: str, key: str, delta: Delta) -> None:
                                f"{list(delta.down.shape)}; up must be [out, rank] and down [rank, ...]")
         if delta.rank == 0:
             raise ErasureError(f"{source}: low-rank delta for {key} has rank 0 (no factors)")
-    if any(t.numel() == 0 for t in ((delta.up, delta.down) if low_rank else (delta,))):
+    if any(t.numel() == 0 for t in tensors):
         raise ErasureError(f"{source}: delta for {key} is empty (a dimension of size 0)")
     if not _UNET_WEIGHT_KEY.fullmatch(key):
         raise ErasureError(f"{source}: delta key {key!r} is not a UNet weight; an erasure may only change the "

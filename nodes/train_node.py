@@ -44,10 +44,10 @@ class TrainConceptErasure:
                 "model": ("MODEL", {"tooltip": "The SD1.x, SD2.x or SDXL model to erase the concept from. It is not "
                                                "changed; it is also the frozen teacher."}),
                 "concept": ("CONDITIONING", {"tooltip": "What to erase: CLIP Text Encode of the concept (e.g. 'Van "
-                                                        "Gogh'). Several concepts: Conditioning (Combine). Conditioning "
-                                                        "(Set Area Strength) weights a concept, ConditioningSetTimestep"
-                                                        "Range limits its training timesteps; areas, masks and "
-                                                        "ControlNets are refused."}),
+                                                        "Gogh'). Several concepts: Conditioning (Combine). "
+                                                        "Conditioning (Set Area Strength) weights a concept, "
+                                                        "ConditioningSetTimestepRange limits its training timesteps; "
+                                                        "areas, masks and ControlNets are refused."}),
                 "unconditional": ("CONDITIONING", {"tooltip": "CLIP Text Encode of the empty prompt, with the same "
                                                               "CLIP."}),
                 "method": (list(METHODS), {"default": d.method, "tooltip":
