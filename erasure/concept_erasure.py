@@ -7,6 +7,8 @@ weight deltas keyed by ModelPatcher state-dict keys. Applying never touches the 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -21,6 +23,12 @@ _PLACEMENT_BLOCKS = {
     "all": ("input", "middle", "output"),
 }
 FAMILY_BY_CONTEXT_DIM = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+MAX_PROMPT_TOKENS = 1024
+# A delta may only name the weight of a UNet module: never a bias, a buffer or anything outside diffusion_model
+# (model_sampling, the latent format, ...). check_compatible also requires the module to be a linear or conv layer.
+_UNET_WEIGHT_KEY = re.compile(r"diffusion_model(\.[A-Za-z0-9_]+)+\.weight")
+_PATCHABLE_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class ErasureError(ValueError):
@@ -99,20 +107,57 @@ class ConceptErasure:
                         f"(the context dimension), got {list(t.shape)}")
                 if not t.is_floating_point():
                     raise ErasureError(f"{source}: {name} must be a floating-point tensor, got {t.dtype}")
+                if not 1 <= t.shape[0] <= MAX_PROMPT_TOKENS:
+                    raise ErasureError(f"{source}: {name} has {t.shape[0]} tokens; a prompt has 1 to "
+                                       f"{MAX_PROMPT_TOKENS}")
+                _check_finite(source, name, t)
             if self.prompt_k.shape != self.prompt_v.shape:
                 raise ErasureError(f"{source}: P_k {list(self.prompt_k.shape)} and P_v "
                                    f"{list(self.prompt_v.shape)} must have the same shape")
         for key, delta in self.deltas.items():
-            tensors = [delta.up, delta.down] if isinstance(delta, LowRankDelta) else [delta]
-            for t in tensors:
-                if not t.is_floating_point():
-                    raise ErasureError(f"{source}: delta for {key} must be floating point, got {t.dtype}")
-            if isinstance(delta, LowRankDelta) and (delta.up.ndim != 2 or delta.up.shape[1] != delta.down.shape[0]):
-                raise ErasureError(f"{source}: low-rank delta for {key} has up {list(delta.up.shape)} and down "
-                                   f"{list(delta.down.shape)}; up must be [out, rank] and down [rank, ...]")
+            _check_delta(source, key, delta)
 
     def replace(self, **changes) -> "ConceptErasure":
         return dataclasses.replace(self, **changes)
+
+
+def _check_finite(source: str, name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ErasureError(f"{source}: {name} holds {bad} NaN or infinite value(s)")
+
+
+def _check_delta(source: str, key: str, delta: Delta) -> None:
+    low_rank = isinstance(delta, LowRankDelta)
+    tensors = (delta.up, delta.down) if low_rank else (delta,)
+    for t in tensors:
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            raise ErasureError(f"{source}: delta for {key} must be floating point, got "
+                               f"{t.dtype if torch.is_tensor(t) else type(t).__name__}")
+    if low_rank:
+        if delta.up.ndim != 2 or delta.down.ndim < 2 or delta.up.shape[1] != delta.down.shape[0]:
+            raise ErasureError(f"{source}: low-rank delta for {key} has up {list(delta.up.shape)} and down "
+                               f"{list(delta.down.shape)}; up must be [out, rank] and down [rank, ...]")
+        if delta.rank == 0:
+            raise ErasureError(f"{source}: low-rank delta for {key} has rank 0 (no factors)")
+    if any(t.numel() == 0 for t in tensors):
+        raise ErasureError(f"{source}: delta for {key} is empty (a dimension of size 0)")
+    if not _UNET_WEIGHT_KEY.fullmatch(key):
+        raise ErasureError(f"{source}: delta key {key!r} is not a UNet weight; an erasure may only change the "
+                           "weights of the UNet's linear and convolution layers (diffusion_model.<layer>.weight)")
+    if low_rank:
+        _check_finite(source, f"the low-rank delta for {key} (up)", delta.up)
+        _check_finite(source, f"the low-rank delta for {key} (down)", delta.down)
+        if not isinstance(delta.alpha, (int, float)) or not math.isfinite(delta.alpha):
+            raise ErasureError(f"{source}: the low-rank delta for {key} has alpha {delta.alpha!r}; it must be a "
+                               "finite number")
+        # Finite factors can still overflow float32 when multiplied out (up @ down * alpha / rank).
+        bound = float(delta.up.abs().max()) * float(delta.down.abs().max()) * delta.rank
+        if not max(bound, bound * abs(delta.alpha) / delta.rank) < _FLOAT32_MAX / 2:
+            raise ErasureError(f"{source}: the low-rank delta for {key} overflows float32 when multiplied out "
+                               "(up @ down * alpha / rank)")
+    else:
+        _check_finite(source, f"the delta for {key}", delta)
 
 
 class PromptPatch:
@@ -179,8 +224,19 @@ def model_family(model) -> str:
     return type(config).__name__ if config is not None else family_name(model_context_dim(model))
 
 
+def _layer_of_weight(unet: torch.nn.Module, key: str) -> Optional[torch.nn.Module]:
+    """The module whose `weight` the ModelPatcher key names, or None when the key names no module's weight."""
+    path = key[len("diffusion_model."):-len(".weight")]
+    try:
+        layer = unet.get_submodule(path)
+    except AttributeError:
+        return None
+    return layer if isinstance(getattr(layer, "weight", None), torch.Tensor) else None
+
+
 def check_compatible(model, erasure: ConceptErasure) -> None:
     """Raise ErasureError naming both sides when the erasure cannot be applied to this model."""
+    erasure.validate()  # again: the object may have been changed since it was made or loaded
     model_dim = model_context_dim(model)
     if model_dim != erasure.context_dim:
         raise ErasureError(
@@ -195,6 +251,14 @@ def check_compatible(model, erasure: ConceptErasure) -> None:
         raise ErasureError(
             f"the erasure changes {len(missing)} weight(s) the model does not have, e.g. {missing[0]!r} "
             f"(erasure base {erasure.base_model or '?'}, model {model_family(model)})")
+    unet = _diffusion_model(model)
+    for key in erasure.deltas:
+        layer = _layer_of_weight(unet, key)
+        if not isinstance(layer, _PATCHABLE_LAYERS):
+            what = f"a {type(layer).__name__}" if layer is not None else "no layer"
+            raise ErasureError(
+                f"the erasure changes {key!r}, the weight of {what}, not of a linear or convolution layer; an erasure "
+                "may only change the weights of the UNet's linear and convolution layers")
     for key, delta in erasure.deltas.items():
         if tuple(delta.shape) != tuple(state[key].shape):
             raise ErasureError(

@@ -21,7 +21,11 @@ from .concept_erasure import ConceptErasure, ErasureError, LowRankDelta
 from .version import FORMAT_VERSION
 
 FORMAT_KEY = "concept_erasure.format"
-_MAX_HEADER = 100 * 1024 * 1024
+# Limits for files from strangers: far above what any erasure of an SDXL-size UNet needs (an esd_u LoRA on every
+# layer has a header of about 1 MB).
+_MAX_HEADER = 16 * 1024 * 1024
+_MAX_METADATA = 1024 * 1024
+_MAX_JSON_DEPTH = 32
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
                 "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -89,6 +93,31 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head[:4] == b"PK\x03\x04" or (head[:2] in _PICKLE_STARTS and head[2:3] not in (b"", b"\x00"))
 
 
+def _json(text: str, what: str):
+    """Strict JSON: no duplicate keys, no NaN / Infinity, nesting at most _MAX_JSON_DEPTH levels."""
+    def no_constants(token):
+        raise ValueError(f"{token} is not JSON")
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+        return dict(pairs)
+
+    try:
+        value = json.loads(text, parse_constant=no_constants, object_pairs_hook=unique)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply") from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > _MAX_JSON_DEPTH:
+            raise ValueError(f"{what} is nested more than {_MAX_JSON_DEPTH} levels deep")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return value
+
+
 def _read_header(path: str) -> dict:
     name = os.path.basename(path)
     try:
@@ -107,11 +136,14 @@ def _read_header(path: str) -> dict:
                 "files are loaded (pickle files can run code when loaded)")
         if header_len is None:
             raise ErasureError(f"{name}: not a safetensors file (only {size} bytes)")
+        if _MAX_HEADER < header_len <= size - 8:
+            raise ErasureError(f"{name}: the safetensors header is {header_len} bytes; erasure files are refused "
+                               f"above {_MAX_HEADER} bytes")
         if not fits:
             raise ErasureError(f"{name}: not a safetensors file, or truncated (header length {header_len} "
                                f"does not fit a {size}-byte file)")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = _json(raw.decode("utf-8"), "the header")
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
@@ -121,13 +153,13 @@ def _read_header(path: str) -> dict:
         if key == "__metadata__":
             continue
         try:
-            start, end = (int(o) for o in info["data_offsets"])
-            dtype = info["dtype"]
-            if not isinstance(dtype, str):
+            start, end = (_whole(o) for o in info["data_offsets"])
+            dtype, shape = info["dtype"], info["shape"]
+            if not isinstance(dtype, str) or not isinstance(shape, list):
                 raise TypeError(dtype)
             count = 1
-            for dim in info["shape"]:
-                count *= int(dim)
+            for dim in shape:
+                count *= _whole(dim)
         except (KeyError, TypeError, ValueError) as e:
             raise ErasureError(f"{name}: not a valid safetensors file (bad entry for tensor {key!r})") from e
         if dtype not in _FLOAT_DTYPES:
@@ -143,6 +175,22 @@ def _read_header(path: str) -> dict:
     return header
 
 
+def _whole(value) -> int:
+    """A JSON number that is a whole number of at least 0 (offsets, sizes)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(value)
+    return value
+
+
+def _count(meta: dict, field: str, default: str = None) -> int:
+    text = meta.get(field, default)
+    if text is None:
+        raise KeyError(field)
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        raise ValueError(f"{field} must be a whole number, got {text[:40]!r}")
+    return int(text)
+
+
 def _parse_metadata(name: str, meta) -> dict:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ErasureError(f"{name}: not a valid safetensors file (its __metadata__ must map strings to strings)")
@@ -150,18 +198,26 @@ def _parse_metadata(name: str, meta) -> dict:
         raise ErasureError(f"{name}: not a concept erasure file (no {FORMAT_KEY!r} in its metadata); "
                            "LoRA or checkpoint files go in their own loaders")
     if meta[FORMAT_KEY] != FORMAT_VERSION:
-        raise ErasureError(f"{name}: erasure format {meta[FORMAT_KEY]!r} is not supported by this version "
+        raise ErasureError(f"{name}: erasure format {meta[FORMAT_KEY][:40]!r} is not supported by this version "
                            f"(supports {FORMAT_VERSION!r}); update the pack")
+    meta_size = sum(len(k.encode()) + len(v.encode()) for k, v in meta.items())
+    if meta_size > _MAX_METADATA:
+        raise ErasureError(f"{name}: the metadata is {meta_size} bytes; erasure files are refused above "
+                           f"{_MAX_METADATA} bytes of metadata")
+    flag = meta.get("prompt_at_inference", "false")
+    if flag not in ("true", "false"):
+        raise ErasureError(f"{name}: bad erasure metadata (prompt_at_inference must be 'true' or 'false', "
+                           f"got {flag[:40]!r})")
     try:
         parsed = {
-            "concepts": json.loads(meta.get("concepts", "[]")),
+            "concepts": _json(meta.get("concepts", "[]"), "concepts"),
             "method": meta.get("method", ""),
-            "settings": json.loads(meta.get("settings", "{}")),
+            "settings": _json(meta.get("settings", "{}"), "settings"),
             "base_model": meta.get("base_model", ""),
-            "context_dim": int(meta["context_dim"]),
-            "prompt_tokens": int(meta.get("prompt_tokens", "0")),
+            "context_dim": _count(meta, "context_dim"),
+            "prompt_tokens": _count(meta, "prompt_tokens", "0"),
             "placement": meta.get("placement", "mid"),
-            "prompt_at_inference": meta.get("prompt_at_inference", "false") == "true",
+            "prompt_at_inference": flag == "true",
             "pack_version": meta.get("pack_version", ""),
             "created": meta.get("created", ""),
         }
@@ -173,6 +229,8 @@ def _parse_metadata(name: str, meta) -> dict:
         raise ErasureError(f"{name}: bad erasure metadata (concepts must be a JSON list of strings)")
     if not isinstance(parsed["settings"], dict):
         raise ErasureError(f"{name}: bad erasure metadata (settings must be a JSON object)")
+    if parsed["context_dim"] == 0:
+        raise ErasureError(f"{name}: bad erasure metadata (context_dim is 0)")
     return parsed
 
 
@@ -209,6 +267,8 @@ def load_erasure(path: str) -> ConceptErasure:
         else:
             raise ErasureError(f"{name}: unexpected tensor {key!r} (not part of the erasure format)")
     for base, parts in lora.items():
+        if base in deltas:
+            raise ErasureError(f"{name}: {base!r} has both a full delta and a low-rank delta; a weight has one")
         missing = [p for p in ("up", "down", "alpha") if p not in parts]
         if missing:
             raise ErasureError(f"{name}: low-rank delta for {base!r} is missing its {', '.join(missing)} tensor")

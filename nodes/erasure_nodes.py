@@ -57,7 +57,8 @@ class ApplyConceptErasure:
 class RecoverErasedConcept:
     DESCRIPTION = ("Applies an erasure together with its learned prompt, the 'key' of the paper's v3: the erased "
                    "weights hide the concept, and with the key attached the model can generate it again. Use it "
-                   "to check that knowledge was hidden rather than destroyed. The input model is unchanged.")
+                   "to check that knowledge was hidden rather than destroyed. The input model is unchanged. "
+                   "Erasures of method lp_attached have no key (Apply already attaches their prompt): refused.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The erased model with the key prompt attached.",)
@@ -67,14 +68,19 @@ class RecoverErasedConcept:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": _MODEL_TIP}),
-            "erasure": (CONCEPT_ERASURE, {"tooltip": "An erasure trained with a learnable prompt (method lp or "
-                                                     "lp_attached); its prompt is the key."}),
+            "erasure": (CONCEPT_ERASURE, {"tooltip": "An erasure trained with method lp; its learned prompt is "
+                                                     "the key."}),
         }}
 
     def recover(self, model, erasure):
         if not erasure.has_prompt:
             raise ErasureError(f"this erasure (method {erasure.method or 'unknown'}) has no learned prompt, so "
                                "there is no key to recover the concept with; train it with method lp")
+        if erasure.prompt_at_inference:
+            raise ErasureError(f"this erasure (method {erasure.method or 'unknown'}) keeps its prompt attached at "
+                               "inference, so Apply Concept Erasure already attaches it and Recover would return the "
+                               "same model: the prompt is part of the erasure, not a key. Train with method lp for an "
+                               "erasure whose prompt is a key")
         return (apply_erasure(model, erasure, 1.0, attach_prompt=True),)
 
 

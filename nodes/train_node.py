@@ -44,7 +44,10 @@ class TrainConceptErasure:
                 "model": ("MODEL", {"tooltip": "The SD1.x, SD2.x or SDXL model to erase the concept from. It is not "
                                                "changed; it is also the frozen teacher."}),
                 "concept": ("CONDITIONING", {"tooltip": "What to erase: CLIP Text Encode of the concept (e.g. 'Van "
-                                                        "Gogh'). Several concepts: Conditioning (Combine)."}),
+                                                        "Gogh'). Several concepts: Conditioning (Combine). "
+                                                        "Conditioning (Set Area Strength) weights a concept, "
+                                                        "ConditioningSetTimestepRange limits its training timesteps; "
+                                                        "areas, masks and ControlNets are refused."}),
                 "unconditional": ("CONDITIONING", {"tooltip": "CLIP Text Encode of the empty prompt, with the same "
                                                               "CLIP."}),
                 "method": (list(METHODS), {"default": d.method, "tooltip":
@@ -67,8 +70,8 @@ class TrainConceptErasure:
                               "(middle and output blocks) or all."}),
                 "erase_weight": _float(d.erase_weight, 0.0, 100.0, 0.01, "Weight of the erase (ESD) term."),
                 "key_weight": _float(d.key_weight, 0.0, 100.0, 0.01,
-                                     "Weight of the key term (lp only): the erased model with the prompt attached "
-                                     "must still produce the concept."),
+                                     "Weight of the key term (lp only, must be above 0 there): the erased model "
+                                     "with the prompt attached must still produce the concept."),
                 "preserve_weight": _float(d.preserve_weight, 0.0, 100.0, 0.01,
                                           "Weight of the preserve term; used only when preserve is connected."),
                 "sampling_steps": _int(d.sampling_steps, 1, 1000,

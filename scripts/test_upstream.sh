@@ -48,4 +48,5 @@ cd "$REPO"
 # Upstream's folder_paths, nodes, comfy come from the checkout; the pack is still imported by tests/conftest.py.
 PYTHONPATH="$UPSTREAM" "$VENV/bin/pytest" -q \
   tests/test_concept_erasure.py tests/test_file_format.py tests/test_folders.py tests/test_erasure_nodes.py \
-  tests/test_trainer.py tests/test_trainer_parts.py tests/test_trainer_node.py "$@"
+  tests/test_trainer.py tests/test_trainer_parts.py tests/test_trainer_node.py tests/test_trainer_inputs.py \
+  tests/test_file_fuzz.py "$@"

@@ -62,7 +62,7 @@ def made_erasure(comfy_base):
     g = torch.Generator().manual_seed(0)
     erasure = ConceptErasure(
         context_dim=768, prompt_k=torch.randn(4, 768, generator=g), prompt_v=torch.randn(4, 768, generator=g),
-        placement="midout", prompt_at_inference=True, concepts=["cat"], method="lp",
+        placement="midout", prompt_at_inference=False, concepts=["cat"], method="lp",
         deltas={k: torch.randn(s, generator=g) * 0.5 for k, s in shapes.items()}, base_model="SD15")
     path = comfy_base / "models" / "concept_erasure" / MADE_ERASURE
     write_erasure_file(erasure, str(path))

@@ -225,3 +225,54 @@ def test_bad_erasure_objects_are_refused():
         ConceptErasure(context_dim=768, prompt_k=torch.zeros(2, 1024), prompt_v=torch.zeros(2, 1024))
     with pytest.raises(ErasureError, match="both"):
         ConceptErasure(context_dim=768, prompt_k=torch.zeros(2, 768))
+
+
+@pytest.mark.parametrize("key,layer", [
+    ("diffusion_model.input_blocks.1.0.in_layers.0.weight", "GroupNorm"),
+    (MID_ATTN.replace("attn2", "norm2") + ".weight", "LayerNorm"),
+])
+def test_only_linear_and_conv_weights_may_be_patched(key, layer):
+    model = build_model("sd15")
+    sampling = model.get_model_object("model_sampling")
+    sigmas = sampling.sigmas.clone()
+    erasure = ConceptErasure(context_dim=768, deltas={key: torch.ones(model.model.state_dict()[key].shape)})
+    with pytest.raises(ErasureError) as info:
+        apply_erasure(model, erasure)
+    assert repr(key) in str(info.value) and f"weight of a {layer}" in str(info.value)
+    changed = ConceptErasure(context_dim=768)
+    changed.deltas["model_sampling.sigmas"] = torch.full((1000,), 5.0)  # changed after it was made
+    with pytest.raises(ErasureError, match="'model_sampling.sigmas' is not a UNet weight"):
+        apply_erasure(model, changed)
+    assert not model.patches and torch.equal(sampling.sigmas, sigmas)
+
+
+def test_apply_on_a_model_with_a_lora_stacks_both():
+    import comfy.lora
+    import comfy.sd
+
+    model = build_model("sd15")
+    key = MID_ATTN + ".to_k.weight"
+    g = torch.Generator().manual_seed(4)
+    out_dim, in_dim = model.model.state_dict()[key].shape
+    up, down = torch.randn(out_dim, 2, generator=g) * 0.1, torch.randn(2, in_dim, generator=g) * 0.1
+    lora_name = next(name for name, k in comfy.lora.model_lora_keys_unet(model.model, {}).items()
+                     if k == key and name.startswith("lora_unet_"))
+    kohya = {f"{lora_name}.lora_up.weight": up, f"{lora_name}.lora_down.weight": down,
+             f"{lora_name}.alpha": torch.tensor(2.0)}
+    with_lora, _ = comfy.sd.load_lora_for_models(model, None, kohya, 0.8, 0)
+    assert with_lora.patches and not model.patches
+    erasure = ConceptErasure(context_dim=768, deltas=attn2_deltas(model))
+    x, context = inputs("sd15")
+
+    both = predict(apply_erasure(with_lora, erasure), x, 1.0, context)
+    lora_only = predict(with_lora, x, 1.0, context)
+    erasure_only = predict(apply_erasure(model, erasure), x, 1.0, context)
+    reference = build_model("sd15")  # same weights, both diffs added by hand
+    with torch.no_grad():
+        state = reference.model.state_dict()
+        state[key] += 0.8 * (up @ down) * (2.0 / 2)
+        for k, delta in erasure.deltas.items():
+            state[k] += delta
+    assert torch.allclose(both, predict(reference, x, 1.0, context), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(both, lora_only, atol=1e-4) and not torch.allclose(both, erasure_only, atol=1e-4)
+    assert len(with_lora.patches) == 1  # the LoRA'd input is unchanged too

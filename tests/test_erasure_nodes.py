@@ -81,6 +81,19 @@ def test_recover_refuses_an_erasure_without_a_prompt():
     assert untouched(model, options_before)
 
 
+def test_recover_refuses_an_erasure_whose_prompt_is_already_attached(models_dir):
+    model = build_model("sd15")
+    options_before = repr(model.model_options)
+    name, attached = save_and_load(make_erasure(model, prompt_at_inference=True).replace(method="lp_attached"))
+    on_disk = (models_dir / "concept_erasure" / name).read_bytes()
+    with pytest.raises(ErasureError) as info:
+        RecoverErasedConcept().recover(model, attached)
+    message = str(info.value)
+    assert "method lp_attached" in message and "Recover would return the same model" in message
+    assert untouched(model, options_before)
+    assert (models_dir / "concept_erasure" / name).read_bytes() == on_disk
+
+
 def test_save_node_numbers_files_and_refuses_escaping_prefixes(models_dir):
     erasure = make_erasure(build_model("sd15"), True)
     names = [SaveConceptErasure().save(erasure, "artists/cat")["ui"]["erasure_files"][0] for _ in range(2)]
@@ -107,7 +120,7 @@ def test_bad_files_are_refused_before_any_model_is_touched(models_dir):
     _, loaded = save_and_load(sdxl_erasure)
     with pytest.raises(ErasureError, match="SDXL.*2048.*768"):
         ApplyConceptErasure().apply(model, loaded, 1.0)
-    wrong_shape = make_erasure(model, True)
+    wrong_shape = make_erasure(model, False)
     wrong_shape.deltas[MID + ".to_k.weight"] = torch.zeros(3, 768)
     _, loaded = save_and_load(wrong_shape)
     with pytest.raises(ErasureError, match=r"to_k.weight'.*\[3, 768\]"):

@@ -269,3 +269,155 @@ def test_tensor_names_follow_the_documented_layout():
     assert set(erasure_tensors(full_erasure())) == {
         "prompt.k", "prompt.v", f"delta.{KEY_K}", f"lora.{KEY_V}.up", f"lora.{KEY_V}.down", f"lora.{KEY_V}.alpha",
         f"lora.{KEY_CONV}.up", f"lora.{KEY_CONV}.down", f"lora.{KEY_CONV}.alpha"}
+
+
+# --- hostile files: nothing that could change more than the UNet loads; nothing is silently accepted ---------
+
+MID_Q = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_q.weight"  # [64, 64] in the tiny sd15
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15():
+    from tiny_models import build_model
+    return build_model("sd15")
+
+
+def model_snapshot(model):
+    sampling = model.get_model_object("model_sampling")
+    return ({k: v.clone() for k, v in model.model.state_dict().items()}, repr(model.model_options),
+            dict(model.patches), (float(sampling.sigma_min), float(sampling.sigma_max)))
+
+
+def assert_same_model(model, snapshot):
+    state, options, patches, sigmas = snapshot
+    now = model_snapshot(model)
+    assert now[1:] == (options, patches, sigmas)
+    assert all(torch.equal(state[k], now[0][k]) for k in state)
+
+
+def refused_untouched(path, model, *fragments):
+    """The file is refused naming it and the problem; the file on disk and the model are as before."""
+    data, snapshot = path.read_bytes(), model_snapshot(model)
+    message = refused(path, *fragments)
+    assert path.read_bytes() == data
+    assert_same_model(model, snapshot)
+    return message
+
+
+def test_a_delta_outside_the_unet_is_refused_naming_it(tmp_path, tiny_sd15):
+    # The reproduced attack: a "delta" for the sampling schedule moved sigma min/max 0.029/14.61 -> 5.03/19.61.
+    attack = raw_file(tmp_path, "schedule.safetensors", {"delta.model_sampling.sigmas": torch.full((1000,), 5.0)},
+                      meta(prompt_tokens="0"))
+    message = refused_untouched(attack, tiny_sd15, "'model_sampling.sigmas'", "not a UNet weight")
+    print(message)
+    for key in ("diffusion_model.out.2.bias", "first_stage_model.decoder.conv_in.weight",
+                "diffusion_model..weight", "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_q"):
+        path = raw_file(tmp_path, "other.safetensors", {f"delta.{key}": torch.zeros(2, 2)}, meta(prompt_tokens="0"))
+        refused_untouched(path, tiny_sd15, repr(key), "linear and convolution layers")
+    lora = raw_file(tmp_path, "lora_schedule.safetensors", {
+        "lora.model_sampling.sigmas.up": torch.ones(1000, 1), "lora.model_sampling.sigmas.down": torch.ones(1, 1),
+        "lora.model_sampling.sigmas.alpha": torch.tensor(1.0)}, meta(prompt_tokens="0"))
+    refused_untouched(lora, tiny_sd15, "'model_sampling.sigmas'", "not a UNet weight")
+
+
+BAD_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+@pytest.mark.parametrize("where", ["prompt.k", "prompt.v", "delta", "lora.up", "lora.down"])
+@pytest.mark.parametrize("value", list(BAD_VALUES))
+def test_nan_and_inf_tensors_are_refused(tmp_path, tiny_sd15, where, value):
+    tensors = {"prompt.k": torch.ones(2, 768), "prompt.v": torch.ones(2, 768), f"delta.{MID_Q}": torch.zeros(64, 64),
+               f"lora.{MID_ATTN_K}.up": torch.zeros(64, 2), f"lora.{MID_ATTN_K}.down": torch.zeros(2, 768),
+               f"lora.{MID_ATTN_K}.alpha": torch.tensor(2.0, dtype=torch.float64)}
+    name = {"delta": f"delta.{MID_Q}", "lora.up": f"lora.{MID_ATTN_K}.up",
+            "lora.down": f"lora.{MID_ATTN_K}.down"}.get(where, where)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[7] = BAD_VALUES[value]
+    path = raw_file(tmp_path, f"{value}.safetensors", tensors, meta())
+    refused_untouched(path, tiny_sd15, "1 NaN or infinite value", {"prompt.k": "P_k", "prompt.v": "P_v"}.get(
+        where, MID_Q if where == "delta" else MID_ATTN_K))
+
+
+MID_ATTN_K = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"  # [64, 768]
+
+
+@pytest.mark.parametrize("alpha,up,fragments", [
+    (float("nan"), 1.0, ["alpha nan", "finite number"]),
+    (float("inf"), 1.0, ["alpha inf", "finite number"]),
+    (1.0, 1e30, ["overflows float32"]),  # finite factors whose product is not
+], ids=["alpha-nan", "alpha-inf", "product-overflows"])
+def test_low_rank_alpha_and_overflowing_products_are_refused(tmp_path, tiny_sd15, alpha, up, fragments):
+    path = raw_file(tmp_path, "alpha.safetensors", {
+        f"lora.{MID_ATTN_K}.up": torch.full((64, 2), up), f"lora.{MID_ATTN_K}.down": torch.full((2, 768), up),
+        f"lora.{MID_ATTN_K}.alpha": torch.tensor(alpha, dtype=torch.float64)}, meta(prompt_tokens="0"))
+    refused_untouched(path, tiny_sd15, MID_ATTN_K, *fragments)
+
+
+def test_rank_zero_and_empty_deltas_are_refused_at_load(tmp_path, tiny_sd15):
+    rank0 = raw_file(tmp_path, "rank0.safetensors", {
+        f"lora.{MID_ATTN_K}.up": torch.zeros(64, 0), f"lora.{MID_ATTN_K}.down": torch.zeros(0, 768),
+        f"lora.{MID_ATTN_K}.alpha": torch.tensor(1.0)}, meta(prompt_tokens="0"))
+    refused_untouched(rank0, tiny_sd15, MID_ATTN_K, "rank 0")
+    empty = raw_file(tmp_path, "empty_delta.safetensors", {f"delta.{MID_Q}": torch.zeros(0, 64)},
+                     meta(prompt_tokens="0"))
+    refused_untouched(empty, tiny_sd15, MID_Q, "empty")
+    no_tokens = raw_file(tmp_path, "no_tokens.safetensors", {"prompt.k": torch.zeros(0, 768),
+                                                             "prompt.v": torch.zeros(0, 768)}, meta(prompt_tokens="0"))
+    refused_untouched(no_tokens, tiny_sd15, "0 tokens")
+    many = raw_file(tmp_path, "many_tokens.safetensors", {"prompt.k": torch.zeros(1025, 8),
+                                                          "prompt.v": torch.zeros(1025, 8)},
+                    meta(prompt_tokens="1025", context_dim="8"))
+    refused_untouched(many, tiny_sd15, "1025 tokens", "1 to 1024")
+
+
+def deep(levels):
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize("field,value,fragments", [
+    ("settings", deep(100_000), ["settings is nested too deeply"]),  # was an uncaught RecursionError
+    ("concepts", deep(100_000), ["concepts is nested too deeply"]),
+    ("settings", '{"a": ' + deep(40) + "}", ["settings is nested more than 32 levels"]),
+    ("settings", '{"lr": NaN}', ["NaN is not JSON"]),
+    ("settings", '{"lr": 1, "lr": 2}', ["duplicate key 'lr'"]),
+    ("settings", '{"big": ' + "9" * 5000 + "}", ["bad erasure metadata"]),
+    ("concepts", json.dumps(["x" * (1024 * 1024)]), ["metadata is", "refused above 1048576 bytes"]),
+    ("prompt_at_inference", "yes", ["prompt_at_inference must be 'true' or 'false'"]),
+    ("context_dim", "+768", ["context_dim must be a whole number"]),
+    ("context_dim", "7_68", ["context_dim must be a whole number"]),
+    ("context_dim", "0", ["context_dim is 0"]),
+    ("prompt_tokens", "-1", ["prompt_tokens must be a whole number"]),
+], ids=["settings-deep", "concepts-deep", "settings-40-levels", "nan-constant", "duplicate-key", "huge-int",
+        "metadata-size", "flag-word", "context-dim-sign", "context-dim-underscore", "context-dim-zero",
+        "negative-tokens"])
+def test_hostile_metadata_is_refused(tmp_path, tiny_sd15, field, value, fragments):
+    path = raw_file(tmp_path, "meta.safetensors", {}, meta(**{"prompt_tokens": "0", field: value}))
+    refused_untouched(path, tiny_sd15, *fragments)
+
+
+def write_raw_header(path, header_bytes, data=b""):
+    path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + data)
+    return path
+
+
+def test_hostile_headers_are_refused(tmp_path, tiny_sd15):
+    huge = write_raw_header(tmp_path / "huge_header.safetensors", b"{" + b" " * (16 * 1024 * 1024) + b"}")
+    refused_untouched(huge, tiny_sd15, "header is 16777218 bytes", "refused above 16777216")
+    nested = write_raw_header(tmp_path / "nested_header.safetensors", ('{"x": ' + deep(100_000) + "}").encode())
+    refused_untouched(nested, tiny_sd15, "nested too deeply")
+    entry = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    twice = ('{"prompt.k": %s, "prompt.k": %s}' % (json.dumps(entry), json.dumps(entry))).encode()
+    refused_untouched(write_raw_header(tmp_path / "twice.safetensors", twice, bytes(8)), tiny_sd15,
+                      "duplicate key 'prompt.k'")
+    for bad in ({"data_offsets": [-8, 0]}, {"data_offsets": [0.0, 8.0]}, {"shape": "2"}, {"shape": [True, 2]}):
+        header = json.dumps({"prompt.k": {**entry, **bad}}).encode()
+        refused_untouched(write_raw_header(tmp_path / "bad_entry.safetensors", header, bytes(8)), tiny_sd15,
+                          "bad entry for tensor 'prompt.k'")
+
+
+def test_a_weight_with_both_a_full_and_a_low_rank_delta_is_refused(tmp_path, tiny_sd15):
+    path = raw_file(tmp_path, "both.safetensors", {
+        f"delta.{MID_ATTN_K}": torch.zeros(64, 768), f"lora.{MID_ATTN_K}.up": torch.zeros(64, 2),
+        f"lora.{MID_ATTN_K}.down": torch.zeros(2, 768), f"lora.{MID_ATTN_K}.alpha": torch.tensor(1.0)},
+        meta(prompt_tokens="0"))
+    refused_untouched(path, tiny_sd15, MID_ATTN_K, "both a full delta and a low-rank delta")

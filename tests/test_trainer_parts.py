@@ -5,7 +5,7 @@ import torch
 
 import comfy.model_management
 from comfyui_concept_erasure.erasure.concept_erasure import PromptPatch
-from comfyui_concept_erasure.trainer.conditioning import encode_entries, stack
+from comfyui_concept_erasure.trainer.conditioning import CondBatch, encode_entries, stack
 from comfyui_concept_erasure.trainer.deltas import DeltaSet, target_layers
 from comfyui_concept_erasure.trainer.denoiser import Denoiser
 from comfyui_concept_erasure.trainer.host_autograd import residuals_break_backward, trainable_model
@@ -137,16 +137,59 @@ def test_inplace_shim_is_installed_only_when_needed_and_gives_true_gradients():
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in base.modules())
 
 
-def test_stack_repeats_shorter_contexts_which_leaves_the_prediction_unchanged():
+def prompted_denoiser(model, tokens=3):
+    comfy.model_management.load_models_gpu([model])
+    g = torch.Generator().manual_seed(11)
+    deltas = DeltaSet(target_layers(model.model.diffusion_model, "esd_x"), 0, g, "cpu")
+    prompt = PromptPatch(torch.randn(tokens, 768, generator=g), torch.randn(tokens, 768, generator=g), "all")
+    return Denoiser(model.model, {}, model.load_device, deltas, prompt, "eps")
+
+
+def test_concepts_of_different_lengths_are_run_as_they_are_with_the_prompt_appended():
     model = build_model("sd15")
-    short, long = context(seed=1, tokens=77), context(seed=2, tokens=154)
-    batch = stack([{"c_crossattn": short}, {"c_crossattn": long}])
-    assert batch["c_crossattn"].shape == (2, 154, 768)
-    assert torch.equal(batch["c_crossattn"][0, 77:], short[0])
-    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    alone = predict(model, x, 1.0, short)
-    repeated = predict(model, x, 1.0, batch["c_crossattn"][:1])
-    assert torch.allclose(alone, repeated, atol=1e-5)
+    denoiser = prompted_denoiser(model)
+    contexts = [context(seed=1, tokens=77), context(seed=2, tokens=154), context(seed=3, tokens=77)]
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.5, 2.0, 7.0])
+
+    def forward(xs, ss, cond, cond_or_uncond):
+        return denoiser.output(xs, ss, cond, deltas=False, prompt=True, cond_or_uncond=cond_or_uncond)
+
+    with torch.no_grad():
+        batched = CondBatch([{"c_crossattn": c} for c in contexts], [0]).run(forward, x, sigma)
+        alone = torch.cat([forward(x[i:i + 1], sigma[i:i + 1], {"c_crossattn": c}, [0])
+                           for i, c in enumerate(contexts)])
+        # what repeating the short context to 154 tokens used to give: the text outweighs the prompt tokens
+        repeated = forward(x[:1], sigma[:1], {"c_crossattn": contexts[0].repeat(1, 2, 1)}, [0])
+    difference = (batched - alone).abs().max().item()
+    print(f"max difference to single-concept runs {difference:.2e}; repeated to a common length "
+          f"{(repeated - alone[:1]).abs().max().item():.2e}")
+    assert difference < 1e-5  # batch-size rounding only
+    assert not torch.allclose(repeated, alone[:1], atol=1e-4)
+    with pytest.raises(ValueError, match="different lengths"):
+        stack([{"c_crossattn": c} for c in contexts])
+
+
+def test_loss_terms_of_mixed_length_concepts_equal_their_single_concept_terms():
+    from comfyui_concept_erasure.trainer.iteration import loss_terms as _loss_terms
+    from comfyui_concept_erasure.trainer.settings import TrainSettings
+
+    model = build_model("sd15")
+    denoiser = prompted_denoiser(model)
+    settings = TrainSettings(method="lp", key_weight=1.0)
+    uncond = {"c_crossattn": context(seed=9, tokens=77)}
+    concepts = [{"c_crossattn": context(seed=1, tokens=77)}, {"c_crossattn": context(seed=2, tokens=154)}]
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([1.0, 3.0])
+    with torch.inference_mode(False), trainable_model(model.model), denoiser.deltas.attached():
+        both = _loss_terms(denoiser, settings, x, sigma, uncond, concepts, [], lambda loss: None)
+        single = [_loss_terms(denoiser, settings, x[i:i + 1], sigma[i:i + 1], uncond, [c], [], lambda loss: None)
+                  for i, c in enumerate(concepts)]
+        weighted = _loss_terms(denoiser, settings, x, sigma, uncond, concepts, [], lambda loss: None,
+                               concept_weights=torch.tensor([0.0, 2.0]))
+    for term in ("erase", "key"):
+        assert torch.allclose(both[term], (single[0][term] + single[1][term]) / 2, rtol=1e-5), term
+        assert torch.allclose(weighted[term], single[1][term], rtol=1e-5), term  # (0 * a + 2 * b) / 2
 
 
 def test_sdxl_conditioning_gets_the_pooled_vector_the_sampler_would_use():

@@ -18,11 +18,12 @@ import comfy.utils
 from ..erasure.concept_erasure import ConceptErasure, model_context_dim
 from ..erasure.version import PACK_VERSION
 from .checkpointing import checkpointed_transformers
-from .conditioning import check_width, conditioning_entries, encode_entries
+from .conditioning import Prompt, check_width, conditioning_entries, encode_entries, pair_weights, read_prompts
 from .denoiser import Denoiser
 from .host_autograd import trainable_model
 from .iteration import build_trainables, loss_terms, optimizer_step
 from .memory_plan import MemoryPlan, MemoryPlanner, RunShape, TrainingMemoryError, fit
+from .model_patches import model_patches
 from .precision import compute_dtype, loss_scaler, weight_dtype
 from .prediction import prediction_kind, sampling_schedule
 from .settings import TrainSettings
@@ -62,14 +63,30 @@ def train_erasure(model, concept, unconditional, preserve=None, settings: Option
     preserve = conditioning_entries(preserve, "preserve") if preserve is not None else []
     for name, cond in (("concept", concept), ("unconditional", unconditional), ("preserve", preserve)):
         check_width(cond, name, context_dim)
-    kind = prediction_kind(model.get_model_object("model_sampling"))
+    sampling = model.get_model_object("model_sampling")
+    kind = prediction_kind(sampling)
+    concept, unconditional, preserve = (read_prompts(entries, name, sampling) for entries, name in (
+        (concept, "concept"), (unconditional, "unconditional"), (preserve, "preserve")))
+    recorded = _recorded_inputs(model, concept, preserve)
     try:
         with torch.inference_mode(False):
-            return _train(model, concept, unconditional[0], preserve, settings, context_dim, kind,
-                          concept_names(concept_label), on_iteration)
+            result = _train(model, [p for p in concept if p.weight > 0], unconditional[0],
+                            [p for p in preserve if p.weight > 0], settings, context_dim, kind,
+                            concept_names(concept_label), on_iteration)
     finally:
         if torch.device(model.load_device).type != "cpu":
             comfy.model_management.soft_empty_cache()
+    result.erasure.settings.update(recorded)
+    return result
+
+
+def _recorded_inputs(model, concept: List[Prompt], preserve: List[Prompt]) -> Dict[str, object]:
+    """Stored with the settings: what the input model carried, and conditioning strengths / ranges if any."""
+    recorded: Dict[str, object] = {"input_model_patches": model_patches(model)}
+    if any(p.weight != 1.0 or p.timesteps is not None for p in concept + preserve):
+        recorded["conditioning"] = {"concept": [p.record() for p in concept],
+                                    "preserve": [p.record() for p in preserve]}
+    return recorded
 
 
 class _LossLog:
@@ -168,11 +185,14 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
                 choice = torch.randint(len(concepts_c), (s.batch_size,), generator=gen).tolist()
                 pool = sample_trajectories(denoiser, concepts_c, uncond_c, choice, latent_shape, timesteps, sigmas,
                                            all_sigmas, s.sampling_cfg, gen, prompt=s.method == "lp_attached",
-                                           check_interrupt=check_interrupt)
+                                           check_interrupt=check_interrupt,
+                                           timestep_ranges=[p.timesteps for p in concept])
             x_t, sigma, picked = pool.draw(s.batch_size, gen)
             kept = torch.randint(len(preserve_c), (s.batch_size,), generator=gen).tolist() if use_preserve else []
             terms = loss_terms(denoiser, s, x_t, sigma, uncond_c, [concepts_c[j] for j in picked],
-                               [preserve_c[j] for j in kept], backward)
+                               [preserve_c[j] for j in kept], backward,
+                               pair_weights([concept[j] for j in picked], device),
+                               pair_weights([preserve[j] for j in kept], device, sigma, all_sigmas))
             optimizer_step(parts, scaler)
             log.add(it + 1, terms)
             progress.update(1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..erasure.concept_erasure import PromptPatch
-from .conditioning import stack
+from .conditioning import CondBatch
 from .deltas import DeltaSet, target_layers
 from .denoiser import Denoiser
 from .settings import TrainSettings
@@ -51,14 +51,28 @@ def build_trainables(unet: torch.nn.Module, s: TrainSettings, context_dim: int, 
     return Trainables(deltas, prompt, torch.optim.Adam(groups, foreach=foreach))
 
 
-def loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concepts, preserves,
-               backward) -> Dict[str, torch.Tensor]:
-    """One iteration's loss terms, back-propagated (concepts / preserves: one cond per pair, or no preserves)."""
+def _mse(a: torch.Tensor, b: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean squared error; with per-pair weights, each pair's mean times its weight, averaged over pairs."""
+    if weights is None:
+        return F.mse_loss(a, b)
+    return ((a - b).pow(2).flatten(1).mean(1) * weights).mean()
+
+
+def loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concepts, preserves, backward,
+               concept_weights: Optional[torch.Tensor] = None,
+               preserve_weights: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """One iteration's loss terms, back-propagated (concepts / preserves: one cond per pair, or no preserves).
+
+    concept_weights / preserve_weights: per pair (the conditioning's strength and range), None = all 1.
+    """
+    def run(conds, cond_or_uncond, x, sig, **views):
+        return CondBatch(conds, cond_or_uncond).run(
+            lambda xs, ss, cond, cu: denoiser.output(xs, ss, cond, cond_or_uncond=cu, **views), x, sig)
+
     chunks = 3 if preserves else 2
     with torch.no_grad():  # teacher: uncond, concept [, preserved concept] in one batch
-        teacher = denoiser.output(x_t.repeat(chunks, 1, 1, 1), sigma.repeat(chunks),
-                                  stack([uncond] * len(concepts) + concepts + preserves),
-                                  deltas=False, prompt=False, cond_or_uncond=[1, 0, 0][:chunks])
+        teacher = run([uncond] * len(concepts) + concepts + preserves, [1, 0, 0][:chunks],
+                      x_t.repeat(chunks, 1, 1, 1), sigma.repeat(chunks), deltas=False, prompt=False)
     e0, ep, *kept = teacher.chunk(chunks)
     target = e0 - s.negative_guidance * (ep - e0)
 
@@ -66,20 +80,19 @@ def loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concept
     erase = s.erase_weight > 0
     if erase or preserves:  # student without the key prompt (with it for lp_attached): erase [+ preserve]
         parts = int(erase) + int(bool(preserves))
-        student = denoiser.output(x_t.repeat(parts, 1, 1, 1), sigma.repeat(parts),
-                                  stack((concepts if erase else []) + preserves), deltas=True,
-                                  prompt=s.method == "lp_attached", cond_or_uncond=[0] * parts).chunk(parts)
+        student = run((concepts if erase else []) + preserves, [0] * parts, x_t.repeat(parts, 1, 1, 1),
+                      sigma.repeat(parts), deltas=True, prompt=s.method == "lp_attached").chunk(parts)
         loss = 0.0
         if erase:
-            terms["erase"] = F.mse_loss(student[0], target)
+            terms["erase"] = _mse(student[0], target, concept_weights)
             loss = loss + s.erase_weight * terms["erase"]
         if preserves:
-            terms["preserve"] = F.mse_loss(student[-1], kept[0])
+            terms["preserve"] = _mse(student[-1], kept[0], preserve_weights)
             loss = loss + s.preserve_weight * terms["preserve"]
         backward(loss)
     if s.trains_key:  # student with the key prompt reproduces the original concept
-        keyed = denoiser.output(x_t, sigma, stack(concepts), deltas=True, prompt=True)
-        terms["key"] = F.mse_loss(keyed, ep)
+        keyed = run(concepts, [0], x_t, sigma, deltas=True, prompt=True)
+        terms["key"] = _mse(keyed, ep, concept_weights)
         backward(s.key_weight * terms["key"])
     return terms
 

@@ -75,6 +75,9 @@ class TrainSettings:
             _finite(name, getattr(self, name))
             if getattr(self, name) < 0:
                 raise ErasureError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.method == "lp" and self.key_weight == 0:
+            raise ErasureError("method lp with key_weight 0 would save its prompt untrained (random) as the key; "
+                               "set key_weight above 0 (default 0.1), or use esd_x to train weight deltas only")
         if self.erase_weight == 0 and not self.trains_key:
             raise ErasureError("erase_weight is 0 and there is no key term: nothing would be trained")
         if self.resolution != 0 and (self.resolution < 64 or self.resolution % 8):
