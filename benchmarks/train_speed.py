@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def bootstrap(cpu: bool, threads: int):
@@ -42,24 +43,13 @@ def bootstrap(cpu: bool, threads: int):
     sys.path.insert(0, str(ROOT / "tests"))
 
 
-SD15_UNET = dict(  # the SD1.5 UNet as comfy's model detection describes it
-    in_channels=4, out_channels=4, model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
-    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    transformer_depth_middle=1, use_spatial_transformer=True, legacy=False, num_heads=8, num_head_channels=-1,
-    use_linear_in_transformer=False, adm_in_channels=None, context_dim=768, image_size=32, use_checkpoint=False)
-
-
 def sd15_sized_model(device, dtype):
     import torch
 
-    import comfy.model_base
     import comfy.model_patcher
-    import comfy.supported_models
-    from tiny_models import init_weights
+    from sd_architectures import build
 
-    base = comfy.model_base.BaseModel(comfy.supported_models.SD15(dict(SD15_UNET)), device="cpu")
-    init_weights(base, 0)
-    base.to(dtype).eval()
+    base = build("sd15", device, dtype)
     params = sum(p.numel() for p in base.diffusion_model.parameters())
     print(f"SD1.5-sized UNet: {params / 1e6:.0f} M parameters, weights {dtype}, random init")
     return comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device), offload_device=torch.device("cpu"))
@@ -233,7 +223,7 @@ def main():
 
     import torch
 
-    from comfyui_concept_erasure.trainer.erasure_loop import autocast_dtype
+    from comfyui_concept_erasure.trainer.precision import compute_dtype, weight_dtype
     from comfyui_concept_erasure.trainer.settings import TrainSettings
 
     a.iterations = a.iterations or 100
@@ -249,9 +239,10 @@ def main():
               f"{a.latent}x{a.latent} latents, {torch.get_num_threads()} CPU thread(s)")
     concept, uncond = conditioning(1), conditioning(2)
     points = held_out_points(model, concept, a)
-    amp = autocast_dtype(a.dtype, device)
+    dtype = compute_dtype(a.dtype, device, weight_dtype(model.model.diffusion_model))
+    amp = None if dtype == torch.float32 else dtype  # the plain loop: fp32 trainable copy, autocast to the same dtype
     print(f"{a.iterations} iterations, sampling_steps {a.sampling_steps}, cfg {a.sampling_cfg}, lr {a.learning_rate}, "
-          f"autocast {amp}")
+          f"compute dtype {dtype}")
 
     def peak_reset():
         if device == "cuda":

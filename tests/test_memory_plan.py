@@ -4,8 +4,6 @@ import dataclasses
 
 import pytest
 import torch
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 import comfy.model_management
 from comfyui_concept_erasure.erasure.concept_erasure import ErasureError
@@ -16,6 +14,7 @@ from comfyui_concept_erasure.trainer.denoiser import Denoiser
 from comfyui_concept_erasure.trainer.host_autograd import trainable_model
 from comfyui_concept_erasure.trainer.iteration import build_trainables, loss_terms
 from comfyui_concept_erasure.trainer.precision import compute_dtype
+from memory_probe import cpu_allocator_peak
 from tiny_models import CONTEXT_DIM, build_model
 
 RUN = dict(iterations=3, sampling_steps=4, learning_rate=1e-3)
@@ -31,28 +30,6 @@ def train(model, family="sd15", **settings):
     with torch.inference_mode():  # as in a node
         return train_erasure(model, conditioning(family, 1), conditioning(family, 2), None,
                              TrainSettings(**{**RUN, **settings}))
-
-
-def allocator_peak(fn):
-    """(peak bytes the CPU allocator had handed out at once while fn ran, fn's result), from the profiler's
-    allocation events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = []
-
-    def walk(node):
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    current = peak = 0
-    for _, size in sorted(events):
-        current += size
-        peak = max(peak, current)
-    return peak, result
 
 
 def state(model):
@@ -71,7 +48,7 @@ def same_state(model, before):
 def test_plan_matches_what_the_cpu_allocator_hands_out(family, method, rank, checkpointing):
     """The plan counts one iteration on a shape-only model; a real run's allocations peak at the same bytes."""
     model = build_model(family)
-    peak, result = allocator_peak(lambda: train(model, family, method=method, rank=rank, resolution=256,
+    peak, result = cpu_allocator_peak(lambda: train(model, family, method=method, rank=rank, resolution=128,
                                                 gradient_checkpointing=checkpointing))
     plan = result.memory
     assert plan.counted == plan.weights + plan.weight_copies + plan.trainable + plan.iteration
@@ -82,7 +59,7 @@ def test_plan_matches_what_the_cpu_allocator_hands_out(family, method, rank, che
 
 def test_checkpointing_and_low_rank_need_less_and_the_plan_says_so():
     model = build_model("sd15")
-    plans = {(rank, ckpt): train(model, rank=rank, resolution=256, gradient_checkpointing=ckpt).memory
+    plans = {(rank, ckpt): train(model, rank=rank, resolution=128, gradient_checkpointing=ckpt).memory
              for rank in (0, 8) for ckpt in ("off", "on")}
     assert plans[0, "on"].iteration < plans[0, "off"].iteration
     assert plans[8, "on"].iteration < plans[8, "off"].iteration
@@ -99,13 +76,13 @@ def _limit_free(monkeypatch, free):
 
 def test_a_run_that_does_not_fit_is_refused_with_what_would_fit_and_changes_nothing(monkeypatch, models_dir):
     model = build_model("sd15")
-    full = train(model, resolution=256, gradient_checkpointing="off").memory
-    lean = train(model, resolution=256, gradient_checkpointing="on").memory
+    full = train(model, resolution=128, gradient_checkpointing="off").memory
+    lean = train(model, resolution=128, gradient_checkpointing="on").memory
     assert lean.beyond_weights < full.beyond_weights
     before, options = state(model), repr(model.model_options)
     _limit_free(monkeypatch, (lean.beyond_weights + full.beyond_weights) // 2)
     with pytest.raises(TrainingMemoryError) as refused:
-        train(model, resolution=256, gradient_checkpointing="off")
+        train(model, resolution=128, gradient_checkpointing="off")
     message = str(refused.value)
     assert f"{full.total / 2**30:.2f} GiB on cpu" in message and "gradient checkpointing off" in message
     assert "are free on cpu" in message
@@ -114,9 +91,9 @@ def test_a_run_that_does_not_fit_is_refused_with_what_would_fit_and_changes_noth
     assert not any(models_dir.rglob("*.safetensors"))
 
     # auto takes checkpointing exactly when the plan without it does not fit
-    assert train(model, resolution=256, gradient_checkpointing="auto").memory.checkpointing is True
+    assert train(model, resolution=128, gradient_checkpointing="auto").memory.checkpointing is True
     monkeypatch.undo()
-    assert train(model, resolution=256, gradient_checkpointing="auto").memory.checkpointing is False
+    assert train(model, resolution=128, gradient_checkpointing="auto").memory.checkpointing is False
 
 
 def test_a_run_larger_than_the_whole_device_is_refused_before_anything_is_loaded(monkeypatch):
@@ -126,7 +103,7 @@ def test_a_run_larger_than_the_whole_device_is_refused_before_anything_is_loaded
     monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     monkeypatch.setattr(comfy.model_management, "get_total_memory", lambda *a, **k: 1024 ** 2)
     with pytest.raises(TrainingMemoryError, match=r"in all \(the device's total memory\)"):
-        train(model, resolution=256, gradient_checkpointing="auto")
+        train(model, resolution=128, gradient_checkpointing="auto")
     assert loads == []
 
 

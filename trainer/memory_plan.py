@@ -5,7 +5,8 @@ The plan is made of:
   weight copies  the same weights converted to the compute dtype for the run (0 when they are loaded in it)
   trainable      deltas and prompt tokens: float32 values and Adam's two moments
   iteration      the peak of one iteration on top of those: activations kept for backward (fewer with gradient
-                 checkpointing), gradients, the teacher's batch, the optimizer's temporaries, the trajectory pool
+                 checkpointing), gradients, the teacher's batch, the optimizer's temporaries, the trajectory pool,
+                 the encoded conditioning
 The iteration is counted, not estimated: the trainer's own iteration code runs once on a shape-only copy of the
 model (memory_count.py), with the same settings, so every tensor it creates is seen with its size.
 """
@@ -167,8 +168,10 @@ class MemoryPlanner:
                 loss_terms(denoiser, s, x_t, sigma, fake(run.unconditional), concepts, preserves,
                            lambda loss: loss.backward())
                 optimizer_step(parts, None)
+        # held through the run: the trajectory pool, and the encoded conditioning (SDXL's is a few MB)
         pool = (s.sampling_steps + 1) * s.batch_size * math.prod(latent) * 4
-        return live.peak + pool, trainable, sum(p.numel() for p in params)
+        conds = tensor_bytes(t for c in [*run.concepts, run.unconditional, *run.preserves] for t in c.values())
+        return live.peak + pool + conds, trainable, sum(p.numel() for p in params)
 
 
 def alternatives(s: TrainSettings, resolution: int, checkpointing: bool) -> List[Tuple[str, TrainSettings, int, bool]]:
