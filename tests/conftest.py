@@ -64,4 +64,5 @@ def loras_dir(models_dir, monkeypatch):
 
 
 # Session fixtures of the end-to-end tests: the generated checkpoint and the real server.
-from server_fixtures import comfy_base, comfy_server, made_erasure, trained_erasure  # noqa: E402,F401
+from server_fixtures import (comfy_base, comfy_server, exported_lora, made_erasure, trained_erasure,  # noqa: E402,F401
+                             weights_erasure)
