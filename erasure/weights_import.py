@@ -356,9 +356,12 @@ def import_weights(path: str, model, concepts: Optional[List[str]] = None, displ
         source["left_out"] = {reason: {"count": len(keys), "examples": keys[:3]} for reason, keys in skipped.items()}
         log.warning("%s: left out %s (an erasure changes only UNet linear/conv weights)", name,
                     ", ".join(f"{len(keys)} {reason} tensor(s)" for reason, keys in skipped.items()))
-    erasure = ConceptErasure(
-        context_dim=model_context_dim(model), deltas=deltas, concepts=list(concepts or own.get("concepts", [])),
-        method=own.get("method", "imported"), settings={**own.get("settings", {}), "source": source},
-        base_model=model_family(model), pack_version=PACK_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    check_compatible(model, erasure)
+    try:
+        erasure = ConceptErasure(
+            context_dim=model_context_dim(model), deltas=deltas, concepts=list(concepts or own.get("concepts", [])),
+            method=own.get("method", "imported"), settings={**own.get("settings", {}), "source": source},
+            base_model=model_family(model), pack_version=PACK_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        check_compatible(model, erasure)
+    except ErasureError as e:  # e.g. a NaN in the file: say which file
+        raise ErasureError(f"{name}: {e}") from e
     return erasure

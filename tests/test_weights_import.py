@@ -268,3 +268,13 @@ def test_an_erasure_file_is_loaded_as_it_is(tmp_path):
     assert loaded.has_prompt and loaded.method == "lp"
     with pytest.raises(ErasureError, match="made for SD1.x models"):
         import_weights(path, build_model("sdxl"))
+
+
+def test_a_lora_layer_that_does_not_fit_the_model_names_the_file_and_both_shapes(tmp_path):
+    model = build_model("sd15")
+    base = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q"
+    save_file({f"{base}.lora_down.weight": torch.zeros(2, 48), f"{base}.lora_up.weight": torch.zeros(64, 2)},
+              str(tmp_path / "odd.safetensors"))
+    with pytest.raises(ErasureError, match=r"odd.safetensors: LoRA layer .*attn2_to_q' \(down \[2, 48\], up \[64, 2\]\) "
+                                           r"does not fit the model \(SD15\)'s .* of shape \[64, 64\]"):
+        import_weights(str(tmp_path / "odd.safetensors"), model)
