@@ -6,7 +6,8 @@ Per layer, with N = lora_unet_<diffusers module path>:
   N.diff  the full delta (format "exact" only; ComfyUI and A1111/Forge read it, diffusers does not)
 Format "lora" writes every delta as factors: full deltas are compressed by SVD to the asked rank, and the largest
 relative (Frobenius) error of a layer is returned and written in the metadata.
-Tensors keep the erasure's dtype (fp32, fp16 or bf16; fp64 becomes fp32); SVD runs in fp32.
+Tensors keep the erasure's dtype (fp32, fp16 or bf16; fp64 becomes fp32); SVD runs in fp32. Every layer gets the same
+alpha (see _common_alpha).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from .concept_erasure import (ConceptErasure, Delta, ErasureError, LowRankDelta, check_compatible, family_name,
                               model_context_dim, model_family)
 from .file_format import FORMAT_KEY, _looks_like_pickle, load_erasure
-from .unet_names import MODEL_PREFIX, UnetNames, model_unet_names
+from .unet_names import UnetNames, model_unet_names
 from .version import PACK_VERSION
 
 log = logging.getLogger(__name__)

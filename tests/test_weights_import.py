@@ -1,6 +1,5 @@
 """Published weights as an erasure: LoRA files in every key style, partial UNet state dicts, refusals."""
 import json
-import os
 import pickle
 
 import pytest
