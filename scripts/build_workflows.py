@@ -189,11 +189,47 @@ RECOVER = dict(
            ("decode_erased", 0, "save_erased", "images"), ("decode_recovered", 0, "save_recovered", "images")],
 )
 
+LORA_FILE = "concept_erasure/van_gogh_00001_.safetensors"  # what the export below saves first, in models/loras
+
+EXPORT = dict(
+    title="Share an erasure as a LoRA",
+    description="Save Concept Erasure as LoRA writes an erasure as a standard LoRA file in models/loras; ComfyUI's "
+                "own Load LoRA (model only) then applies it like any other LoRA, and so can A1111/Forge and "
+                "diffusers.",
+    nodes=[
+        note("note", (C0, 0), (
+            "SHARE AN ERASURE AS A LORA\n\n"
+            f"1. Load Checkpoint: the SD1.5 model the erasure was trained on ({CHECKPOINT}).\n"
+            "2. Load Concept Erasure: an erasure of method lp, esd_x or esd_u (lp_attached keeps its prompt in the "
+            "model and cannot be a LoRA).\n"
+            "3. Save Concept Erasure as LoRA writes models/loras/concept_erasure/van_gogh_00001_.safetensors. "
+            "format exact = the erasure itself (ComfyUI, A1111/Forge); lora = low-rank factors for diffusers too, "
+            "with the largest layer error in the file's metadata. Its model input names the layers by your "
+            "checkpoint's UNet; leave it connected.\n"
+            "4. Load LoRA (ComfyUI core) reads that file and feeds the KSampler. The first time, queue once to write "
+            "the file, press R to refresh the lists, then queue again: the image is the erased model's.\n\n"
+            "Share the .safetensors file: it works without this pack."), size=(400, 420)),
+        *loaders(y=460),
+        node("export", "SaveConceptErasureAsLoRA", (C1, 0),
+             {"filename_prefix": "concept_erasure/van_gogh", "format": "exact", "rank": 32}, size=(400, 130)),
+        node("lora", "LoraLoaderModelOnly", (C1, 200), {"lora_name": LORA_FILE, "strength_model": 1.0},
+             "Load LoRA (ComfyUI core)", size=(400, 82)),
+        *prompt_nodes(C1, 330, CONCEPT),
+        sampler("sampler", (C2, 200)),
+        node("decode", "VAEDecode", (C3, 200)),
+        node("save", "SaveImage", (C4, 200), {"filename_prefix": "concept_erasure/from_lora"}, size=(420, 470)),
+    ],
+    links=[("load", 0, "export", "erasure"), ("ckpt", 0, "export", "model"), ("ckpt", 0, "lora", "model"),
+           ("ckpt", 1, "positive", "clip"), ("ckpt", 1, "negative", "clip"), *sampler_links("sampler", ("lora", 0)),
+           ("sampler", 0, "decode", "samples"), ("ckpt", 2, "decode", "vae"), ("decode", 0, "save", "images")],
+)
+
 WORKFLOWS = {
     "train_concept_erasure": TRAIN,
     "apply_concept_erasure": APPLY,
     "compare_before_after": COMPARE,
     "recover_with_key": RECOVER,
+    "export_as_lora": EXPORT,
 }
 
 _BUILD_JS = """(spec) => {

@@ -22,7 +22,9 @@ pip install \
   opentelemetry-propagator-jaeger opentelemetry-instrumentation opentelemetry-util-http \
   opentelemetry-instrumentation-aio-pika opentelemetry-instrumentation-requests opentelemetry-semantic-conventions \
   -r requirements.txt
-pip install "pytest>=8" "pytest-timeout>=2.3" "requests>=2.31"
+# diffusers + peft read exported LoRA files in tests/test_lora_diffusers.py; diffusers 0.40+ needs huggingface-hub 1.x,
+# which transformers<5 refuses, so the pins travel together.
+pip install "pytest>=8" "pytest-timeout>=2.3" "requests>=2.31" "diffusers>=0.35,<0.40" "peft>=0.15" "huggingface-hub<1.0"
 # The browser tests (tests/test_browser.py) drive Debian's Chromium through Playwright; Playwright's own browser
 # download cannot be used. INSTALL_BROWSER=0 skips both (demo.sh does: it needs no browser).
 if [ "${INSTALL_BROWSER:-1}" = 1 ]; then

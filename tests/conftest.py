@@ -44,5 +44,25 @@ def models_dir(tmp_path, monkeypatch):
     return models
 
 
+@pytest.fixture
+def loras_dir(models_dir, monkeypatch):
+    """models/loras of the fresh models/ folder, registered as ComfyUI's only loras folder for one test."""
+    from comfyui_concept_erasure.erasure.folders import LORAS, folder_paths
+
+    fp = folder_paths()
+    loras = models_dir / LORAS
+    table = getattr(fp.folder_names_and_paths, "contents", fp.folder_names_and_paths)
+    entry = table[LORAS]
+    if hasattr(entry, "paths"):  # the fork's FolderPathsTuple
+        new = type(entry)(LORAS, [str(loras)], set(entry.supported_extensions))
+    else:
+        new = ([str(loras)], set(entry[1]))
+    monkeypatch.setitem(table, LORAS, new)
+    if isinstance(getattr(fp, "_filename_list_cache", None), dict):
+        monkeypatch.setattr(fp, "_filename_list_cache", {})
+    return loras
+
+
 # Session fixtures of the end-to-end tests: the generated checkpoint and the real server.
-from server_fixtures import comfy_base, comfy_server, made_erasure, trained_erasure  # noqa: E402,F401
+from server_fixtures import (comfy_base, comfy_server, exported_lora, made_erasure, trained_erasure,  # noqa: E402,F401
+                             weights_erasure)

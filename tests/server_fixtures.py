@@ -21,6 +21,7 @@ from tiny_checkpoint import make_tiny_sd15_checkpoint  # noqa: E402
 
 CHECKPOINT = "tiny_sd15_random.safetensors"
 MADE_ERASURE = "made_by_hand.safetensors"
+WEIGHTS_ERASURE = "made_by_hand_lp.safetensors"
 
 
 def checkpoint_attn2_shapes(path):
@@ -83,3 +84,47 @@ def trained_erasure(comfy_server, comfy_base):
     new = {p.name for p in folder.iterdir()} - before
     assert new == {saved[0]}, f"new files in models/concept_erasure: {new}"
     return saved[0], entry
+
+
+@pytest.fixture(scope="session")
+def weights_erasure(comfy_base):
+    """Name of an lp erasure (key prompt not used at inference; full and low-rank attn2 deltas shaped for the
+    checkpoint) in models/concept_erasure: one that can be a LoRA."""
+    import torch
+
+    from comfyui_concept_erasure.erasure import ConceptErasure, LowRankDelta, write_erasure_file
+
+    shapes = checkpoint_attn2_shapes(comfy_base / "models" / "checkpoints" / CHECKPOINT)
+    g = torch.Generator().manual_seed(1)
+    deltas = {}
+    for i, (key, shape) in enumerate(sorted(shapes.items())):
+        if i % 2:
+            deltas[key] = LowRankDelta(torch.randn(shape[0], 4, generator=g) * 0.3,
+                                       torch.randn(4, shape[1], generator=g) * 0.3, 4.0)
+        else:
+            deltas[key] = torch.randn(shape, generator=g) * 0.3
+    erasure = ConceptErasure(context_dim=768, prompt_k=torch.randn(4, 768, generator=g),
+                             prompt_v=torch.randn(4, 768, generator=g), prompt_at_inference=False,
+                             concepts=["cat"], method="lp", deltas=deltas, base_model="SD15")
+    write_erasure_file(erasure, str(comfy_base / "models" / "concept_erasure" / WEIGHTS_ERASURE))
+    return WEIGHTS_ERASURE
+
+
+def export_on_server(server, erasure_name, fmt="exact", prefix="concept_erasure/made"):
+    """Run Load Concept Erasure -> Save Concept Erasure as LoRA on the server; returns (LoRA name, ui output)."""
+    entry = server.run({
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "load": {"class_type": "LoadConceptErasure", "inputs": {"erasure_name": erasure_name}},
+        "export": {"class_type": "SaveConceptErasureAsLoRA", "inputs": {
+            "erasure": ["load", 0], "filename_prefix": prefix, "format": fmt, "rank": 8, "model": ["ckpt", 0]}},
+    }, timeout=300)
+    ui = entry["outputs"]["export"]
+    assert len(ui["lora_files"]) == 1, ui
+    return ui["lora_files"][0], ui
+
+
+@pytest.fixture(scope="session")
+def exported_lora(comfy_server, weights_erasure):
+    """An exact LoRA export of weights_erasure in models/loras, made on the server: the file the core LoRA loader
+    of workflows/export_as_lora.json reads in the tests."""
+    return export_on_server(comfy_server, weights_erasure)[0]

@@ -47,7 +47,7 @@ def wait_for_new_prompt(server, known, timeout=600):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_workflow_loads_and_runs_from_the_page(name, page, comfy_server, comfy_base, trained_erasure,
+def test_workflow_loads_and_runs_from_the_page(name, page, comfy_server, comfy_base, trained_erasure, exported_lora,
                                                screenshot_dir):
     workflow = load(name)
     missing = load_workflow(page, workflow)
@@ -55,7 +55,7 @@ def test_workflow_loads_and_runs_from_the_page(name, page, comfy_server, comfy_b
     assert dialog_text(page) is None, f"{name}: the UI showed a dialog on load: {dialog_text(page)}"
     screenshot_graph(page, str(screenshot_dir / f"{name}.png"))  # as a user sees the file after dropping it
 
-    changes = overrides(name, trained_erasure[0])
+    changes = overrides(name, trained_erasure[0], exported_lora)
     if name == "train_concept_erasure":  # the API test trained with these settings; the server would reuse it
         changes["TrainConceptErasure"]["seed"] = 1
     set_widgets(page, changes)

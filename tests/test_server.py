@@ -5,7 +5,8 @@ from safetensors.torch import load_file
 
 from server_fixtures import CHECKPOINT
 
-PACK_NODES = ("LoadConceptErasure", "ApplyConceptErasure", "SaveConceptErasure", "RecoverErasedConcept")
+PACK_NODES = ("LoadConceptErasure", "ApplyConceptErasure", "SaveConceptErasure", "RecoverErasedConcept",
+              "SaveConceptErasureAsLoRA", "LoadConceptErasureFromWeights")
 
 
 def sampling_prompt(model_ref, nodes, prefix):

@@ -49,6 +49,19 @@ def test_workflow_runs_with_the_trained_erasure(name, comfy_server, comfy_base, 
     check_images(output_images(entry, comfy_base / "output"), name)
 
 
+def test_export_workflow_saves_a_lora_and_samples_through_the_core_lora_loader(comfy_server, comfy_base,
+                                                                             trained_erasure, exported_lora):
+    loras = comfy_base / "models" / "loras" / "concept_erasure"
+    before = set(loras.iterdir())
+    entry = run_workflow(comfy_server, "export_as_lora", trained_erasure[0], exported_lora)
+    saved = [name for out in entry["outputs"].values() for name in out.get("lora_files", [])]
+    assert len(saved) == 1 and saved[0].startswith("concept_erasure/van_gogh_")
+    assert {p.name for p in set(loras.iterdir()) - before} == {saved[0].split("/")[-1]}
+    listed = comfy_server.object_info("LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"]
+    assert saved[0] in listed["lora_name"][0]
+    check_images(output_images(entry, comfy_base / "output"), "export_as_lora")
+
+
 def test_converter_refuses_a_missing_node_type(object_info):
     workflow = load("apply_concept_erasure")
     workflow["nodes"][1]["type"] = "NoSuchNode"

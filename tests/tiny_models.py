@@ -27,19 +27,22 @@ def init_weights(module: torch.nn.Module, seed: int) -> None:
     torch.random.set_rng_state(gen_state)
 
 
-def build_model(family: str = "sd15", seed: int = 0):
-    """A ModelPatcher around a ~1.6 M parameter UNet of the given family (sd15, sd2v or sdxl)."""
+def build_model(family: str = "sd15", seed: int = 0, **changes):
+    """A ModelPatcher around a ~1.6 M parameter UNet of the given family (sd15, sd2v or sdxl); keyword arguments
+    change its unet_config."""
     config = dict(_COMMON, context_dim=CONTEXT_DIM[family])
     if family != "sd15":  # SD2/SDXL model configs force 64 channels per head
         config.update(model_channels=64, num_head_channels=64)
+    if family == "sdxl":
+        config.update(adm_in_channels=2816, num_classes="sequential", transformer_depth=[1, 2],
+                      transformer_depth_output=[1, 1, 2, 2])
+    config.update(changes)
     if family == "sd15":
         model = comfy.model_base.BaseModel(comfy.supported_models.SD15(config), device="cpu")
     elif family == "sd2v":
         model = comfy.model_base.BaseModel(comfy.supported_models.SD20(config),
                                            model_type=comfy.model_base.ModelType.V_PREDICTION, device="cpu")
     elif family == "sdxl":
-        config.update(adm_in_channels=2816, num_classes="sequential", transformer_depth=[1, 2],
-                      transformer_depth_output=[1, 1, 2, 2])
         model = comfy.model_base.SDXL(comfy.supported_models.SDXL(config), device="cpu")
     else:
         raise ValueError(family)

@@ -13,7 +13,7 @@ from server_fixtures import CHECKPOINT
 from workflow_convert import ui_to_api
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-NAMES = ("train_concept_erasure", "apply_concept_erasure", "compare_before_after", "recover_with_key")
+NAMES = ("train_concept_erasure", "apply_concept_erasure", "compare_before_after", "recover_with_key", "export_as_lora")
 SIZE = 64
 
 FAST = {
@@ -32,14 +32,17 @@ def node_types(workflow: dict) -> set:
     return {n["type"] for n in workflow["nodes"]}
 
 
-def overrides(name: str, erasure_name: str = None) -> dict:
-    """{node type: {widget: value}} for running `name` in a test."""
+def overrides(name: str, erasure_name: str = None, lora_name: str = None) -> dict:
+    """{node type: {widget: value}} for running `name` in a test; lora_name is the file the core LoRA loader reads
+    (one exported before: the loader's list is checked when the prompt is queued)."""
     changes = {k: dict(v) for k, v in FAST.items()}
     types = node_types(load(name))
     if "TrainConceptErasure" in types:
         changes["TrainConceptErasure"] = dict(FAST_TRAINING)
     if "LoadConceptErasure" in types:
         changes["LoadConceptErasure"] = {"erasure_name": erasure_name}
+    if "LoraLoaderModelOnly" in types:
+        changes["LoraLoaderModelOnly"] = {"lora_name": lora_name}
     if "ConceptErasureReport" in types:
         changes["ConceptErasureReport"] = {"width": SIZE, "height": SIZE, "steps": 2}
     return {k: v for k, v in changes.items() if k in types}
@@ -53,6 +56,7 @@ EXPECTED_IMAGES = {
     "apply_concept_erasure": [(SIZE, SIZE)],
     "compare_before_after": [(GRID, GRID)],
     "recover_with_key": [(SIZE, SIZE), (SIZE, SIZE)],
+    "export_as_lora": [(SIZE, SIZE)],
 }
 
 
@@ -68,7 +72,7 @@ def check_images(paths, name):
     assert sorted(sizes) == sorted(EXPECTED_IMAGES[name]), f"{name}: saved image sizes {sizes}"
 
 
-def run_workflow(server, name, erasure_name=None, timeout=600):
+def run_workflow(server, name, erasure_name=None, lora_name=None, timeout=600):
     """Convert `name` with the test overrides, run it, and return its history entry (status success)."""
-    prompt = ui_to_api(load(name), server.object_info(), overrides(name, erasure_name))
+    prompt = ui_to_api(load(name), server.object_info(), overrides(name, erasure_name, lora_name))
     return server.run(prompt, timeout=timeout)
