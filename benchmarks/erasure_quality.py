@@ -23,7 +23,8 @@ the world's classifier reads object and colour from each image:
 
 Extra rows: the default method's erasure with its key attached (Recover Erased Concept: here a LOW 'erased'
 means the key brings the concept back), erasing "a square" and "a triangle" together (Conditioning Combine),
-and erasing "a square" with "a circle" and "a ring" as the preserve set.
+erasing "a square" with "a circle" and "a ring" as the preserve set, and the default method with full deltas
+(rank 0, ESD's setting, the default before rank-16 LoRA factors).
 """
 from __future__ import annotations
 
@@ -46,10 +47,10 @@ QUICK = dict(iterations=150, samples=8)
 #   resolution 128: the world's latents are 16x16 (128 px in SD's 8x VAE terms);
 #   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet; on this 1.6M-parameter UNet
 #   it changes nothing (0% erased at 150 iterations), 1e-4 erases ~90%, 3e-4 ~95-100%, 1e-3 starts to hurt
-#   (sweep on the first world, see RESULTS.md);
-#   esd_u: LoRA rank 8 (the node refuses full deltas for esd_u) at 1e-3, as the node's tooltip advises for LoRA.
+#   (sweep on the first world with full deltas, see RESULTS.md). The default rank-16 factors erase as well as
+#   full deltas at this same rate (rank sweep in RESULTS.md).
 WORLD_SETTINGS = dict(resolution=128, learning_rate=3e-4)
-METHOD_SETTINGS = {"esd_u": dict(rank=8, learning_rate=1e-3)}
+FULL_DELTAS = dict(rank=0)
 
 
 def combine(*conditionings) -> list:
@@ -114,7 +115,6 @@ def train(world, settings: dict, concepts, preserve=None):
     from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
 
     kwargs = dict(host.widget_defaults(TrainConceptErasure), **WORLD_SETTINGS)
-    kwargs.update(METHOD_SETTINGS.get(settings.get("method", kwargs["method"]), {}))
     kwargs.update(settings, concept_label="\n".join(concepts))
     concept = combine(*(world.conditioning(f"a {o}") for o in concepts))
     if preserve:
@@ -225,6 +225,8 @@ def main(argv=None) -> int:
         record(f"{default}, {ERASED} + {SECOND}", model, seconds, pair, used)
         model, _, seconds, used = train(world, dict(common, method=default), [ERASED], preserve=PRESERVE_SET)
         record(f"{default}, preserve {{{', '.join(PRESERVE_SET)}}}", model, seconds, single, used)
+        model, _, seconds, used = train(world, dict(common, method=default, **FULL_DELTAS), [ERASED])
+        record(f"{default}, full deltas (rank 0)", model, seconds, single, used)
     total = time.time() - started
     print()
     print(table(rows))

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-DEFAULT_CONFIGS = ("lp:8:off", "lp:8:on", "lp:0:off", "lp:0:on", "lp_attached:8:off", "esd_x:8:off",
-                   "esd_x:0:off", "esd_u:8:off", "esd_u:8:on")
+DEFAULT_CONFIGS = ("lp:16:off", "lp:16:on", "lp:0:off", "lp:0:on", "lp_attached:16:off", "esd_x:16:off",
+                   "esd_x:0:off", "esd_u:16:off", "esd_u:16:on")
 GiB = 2 ** 30
 
 
@@ -114,8 +114,7 @@ def measured_run(family, settings, resolution, device, dtype, iterations):
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=torch.device(device), offload_device="cpu")
     weights = sum(t.numel() * t.element_size() for t in base.diffusion_model.state_dict().values())
     s = settings_for(settings.method, settings.rank, settings.gradient_checkpointing, iterations=iterations,
-                     resolution=resolution, learning_rate=1e-5 if settings.rank == 0 else 1e-4,
-                     sampling_steps=settings.sampling_steps)
+                     resolution=resolution, sampling_steps=settings.sampling_steps)
     started = time.perf_counter()
 
     def run():

@@ -9,7 +9,8 @@ from comfyui_concept_erasure.erasure.concept_erasure import cross_attention_laye
 from comfyui_concept_erasure.trainer import TrainingError, TrainSettings, train_erasure
 from tiny_models import CONTEXT_DIM, build_model, predict
 
-QUICK = dict(sampling_steps=6, resolution=128, trajectory_refresh=5)  # 16x16 latents
+# 16x16 latents; full deltas (ESD's setting) unless a test says otherwise: these tests check the mechanics
+QUICK = dict(sampling_steps=6, resolution=128, trajectory_refresh=5, rank=0)
 SIGMAS = (14.6, 5.0, 1.0, 0.3)
 
 
@@ -86,6 +87,18 @@ def test_lp_moves_concept_to_esd_target_and_spares_an_unrelated_prompt(sd15, lp_
           f"concept moved {ratio:.1f}x more than an unrelated prompt")
     assert numbers["relative_error"] < 0.8
     assert ratio > 4
+
+
+def test_default_low_rank_deltas_move_the_concept_to_the_esd_target_too(sd15):
+    """The node's default trains rank-16 LoRA factors (kohya convention), not full deltas."""
+    model, concept, uncond = sd15
+    run = train(model, concept, uncond, method="lp", rank=TrainSettings().rank, iterations=60, learning_rate=3e-4,
+                prompt_learning_rate=2e-2, key_weight=1.0, placement="all", prompt_tokens=4)
+    assert TrainSettings().rank == 16
+    assert all(isinstance(d, LowRankDelta) and d.rank == 16 and d.alpha == 16.0 for d in run.erasure.deltas.values())
+    numbers = esd_numbers(model, run.erasure, concept, uncond, Probe())
+    print(f"rank 16: relative error to the ESD target {numbers['relative_error']:.3f}")
+    assert numbers["relative_error"] < 0.8
 
 
 def test_lp_output_shape_and_key_prompt_brings_the_concept_back(sd15, lp_run):
