@@ -99,8 +99,9 @@ class TrainConceptErasure:
                           "natively; fp32 on a GPU holds an fp32 copy of the weights for the run."}),
                 "gradient_checkpointing": (list(CHECKPOINTING), {"default": d.gradient_checkpointing, "tooltip":
                                            "Recompute the UNet's transformer activations in backward instead of "
-                                           "keeping them: less memory, about a third slower. auto = on only when "
-                                           "the run would not fit the device's free memory otherwise."}),
+                                           "keeping them: less memory, one more forward pass of the transformers "
+                                           "per iteration. auto = on only when the run would not fit the device's "
+                                           "free memory otherwise."}),
                 "concept_label": ("STRING", {"default": "", "multiline": False, "tooltip":
                                   "Name of the erased concept, stored in the erasure file (conditioning carries no "
                                   "text). Several concepts: one per line."}),
