@@ -12,9 +12,10 @@ Adam's two moments), the iteration's peak on top (activations, gradients, teache
 trajectory pool), their sum (the counted peak), and the plan's total with the allocator headroom it keeps free on
 a GPU (what the trainer asks the device for).
 
---gpu builds each UNet on the GPU with random fp16 weights, trains through the Train Concept Erasure node's
-function for --iterations, and measures torch.cuda.max_memory_allocated (weights included) and the time per
-1000 iterations, next to the counted figure; with --plain it also runs train_speed.py's plain ESD-x loop on SD1.5.
+--gpu builds each UNet on the GPU with random fp16 weights, trains through the trainer for --iterations, and
+measures torch.cuda.max_memory_allocated above the weights (which exist before the run) and the time per 1000
+iterations, next to the counted figure beside the weights; --plain also runs train_speed.py's plain ESD-x loop on
+SD1.5 (its own peak and speed).
 --cpu-check does the same on the CPU for the real SD1.5 UNet at a small resolution (fp32, 2 iterations),
 measuring with the profiler's allocation events.
 """
@@ -102,7 +103,7 @@ def counted_table(families, configs):
 
 
 def measured_run(family, settings, resolution, device, dtype, iterations):
-    """Train on a real model of the family on `device`; returns (measured peak incl. weights, counted, s / it)."""
+    """Train on a real model of the family on `device`; returns (weights, measured peak beside them, plan, s / it)."""
     import torch
 
     import comfy.model_patcher
@@ -124,7 +125,7 @@ def measured_run(family, settings, resolution, device, dtype, iterations):
     peak, result = allocator_peak(device, run)
     seconds = time.perf_counter() - started
     del patcher, base
-    return peak + weights, result.memory, seconds / iterations
+    return weights, peak, result.memory, seconds / iterations
 
 
 def measured_table(families, configs, device, iterations, resolution=None):
@@ -133,17 +134,19 @@ def measured_table(families, configs, device, iterations, resolution=None):
     from sd_architectures import FAMILIES
 
     dtype = torch.float16 if device == "cuda" else torch.float32
-    print(f"| model | method | rank | checkpointing | measured peak | counted peak | counted / measured | "
-          f"s / 1000 it |")
-    print("|---|---|---|---|---:|---:|---:|---:|")
+    print("| model | method | rank | checkpointing | weights | measured beside them | counted beside them | "
+          "counted / measured | peak in all, measured | s / 1000 it |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for family in families:
         name, default_resolution = FAMILIES[family]
         res = resolution or default_resolution
         for method, rank, ckpt in configs:
             settings = settings_for(method, rank, ckpt, sampling_steps=50 if device == "cuda" else 2)
-            measured, plan, per_it = measured_run(family, settings, res, device, dtype, iterations)
-            print(f"| {name} {res} | {method} | {rank or 'full'} | {ckpt} | {gib(measured)} | {gib(plan.counted)} | "
-                  f"{plan.counted / measured:.3f} | {per_it * 1000:.0f} |", flush=True)
+            weights, measured, plan, per_it = measured_run(family, settings, res, device, dtype, iterations)
+            counted = plan.counted - plan.weights
+            print(f"| {name} {res} | {method} | {rank or 'full'} | {ckpt} | {gib(weights)} | {gib(measured)} | "
+                  f"{gib(counted)} | {counted / measured:.3f} | {gib(weights + measured)} | {per_it * 1000:.0f} |",
+                  flush=True)
             if device == "cuda":
                 torch.cuda.empty_cache()
 

@@ -197,3 +197,27 @@ def test_every_node_is_documented(models_dir):
             assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), node_id
         else:
             assert cls.OUTPUT_NODE, node_id
+
+
+@pytest.mark.parametrize("family,limit_mb", [("sd15", 50), ("sdxl", 200)])
+def test_a_default_erasure_of_the_real_architecture_saves_small(models_dir, family, limit_mb):
+    """The default training (lp, rank-16 factors on every attn2 projection, 10 prompt tokens), saved with the Save
+    node's default precision, on the real SD1.5 / SDXL UNet layouts (built on the meta device: no weights)."""
+    from sd_architectures import build
+
+    from comfyui_concept_erasure.trainer import TrainSettings
+    from comfyui_concept_erasure.trainer.deltas import DeltaSet, target_layers
+
+    s = TrainSettings()
+    unet = build(family, "meta", torch.float16).diffusion_model
+    deltas = DeltaSet(target_layers(unet, s.method), s.rank, torch.Generator().manual_seed(0), "cpu")
+    width = unet.middle_block[1].transformer_blocks[0].attn2.to_k.in_features
+    erasure = ConceptErasure(context_dim=width, prompt_k=torch.randn(s.prompt_tokens, width),
+                             prompt_v=torch.randn(s.prompt_tokens, width), deltas=deltas.export(), method=s.method)
+    with torch.inference_mode():
+        (name,) = SaveConceptErasure().save(erasure, "concept_erasure/size")["ui"]["erasure_files"]
+    size_mb = (models_dir / "concept_erasure" / name).stat().st_size / 1e6
+    print(f"{family}: default erasure file {size_mb:.1f} MB")
+    assert size_mb <= limit_mb
+    full_mb = sum(m.weight.numel() for m in target_layers(unet, s.method).values()) * 2 / 1e6
+    assert size_mb < full_mb / 20  # what full deltas would take in the same precision

@@ -86,7 +86,7 @@ def test_a_run_that_does_not_fit_is_refused_with_what_would_fit_and_changes_noth
     message = str(refused.value)
     assert f"{full.total / 2**30:.2f} GiB on cpu" in message and "gradient checkpointing off" in message
     assert "are free on cpu" in message
-    assert "What would fit: gradient_checkpointing on (about" in message and message.endswith("Nothing was changed.")
+    assert "What would fit: gradient_checkpointing on (needs" in message and message.endswith("Nothing was changed.")
     assert same_state(model, before) and repr(model.model_options) == options and not model.patches
     assert not any(models_dir.rglob("*.safetensors"))
 

@@ -36,6 +36,7 @@ GiB = 2 ** 30
 # workspaces. Kept free on accelerators on top of the plan.
 ACCELERATOR_HEADROOM = 0.10
 ACCELERATOR_RESERVE = 256 * 2 ** 20
+LOW_RANK = 16  # what a refusal offers instead of full deltas (the node's default)
 
 
 def gib(n: float) -> str:
@@ -179,16 +180,17 @@ def alternatives(s: TrainSettings, resolution: int, checkpointing: bool) -> List
     out = []
     if not checkpointing:
         out.append(("gradient_checkpointing on", s, resolution, True))
-    if s.rank == 0 or s.rank > 8:
-        out.append(("rank 8 with gradient_checkpointing on", dataclasses.replace(s, rank=8), resolution, True))
+    low_rank = s
+    if s.rank == 0 or s.rank > LOW_RANK:
+        low_rank = dataclasses.replace(s, rank=LOW_RANK)
+        out.append((f"rank {LOW_RANK} with gradient_checkpointing on", low_rank, resolution, True))
     if s.batch_size > 1:
-        out.append(("batch_size 1 with gradient_checkpointing on", dataclasses.replace(s, batch_size=1), resolution,
-                    True))
+        out.append(("batch_size 1 with gradient_checkpointing on", dataclasses.replace(low_rank, batch_size=1),
+                    resolution, True))
     smaller = max(256, (resolution * 3 // 4) // 64 * 64)
     if smaller < resolution:
-        cheap = dataclasses.replace(s, rank=8) if s.rank == 0 or s.rank > 8 else s
-        what = f"resolution {smaller}" + (" with rank 8" if cheap is not s else "") + " and gradient_checkpointing on"
-        out.append((what, cheap, smaller, True))
+        what = f"resolution {smaller}" + (f" with rank {LOW_RANK}" if low_rank is not s else "")
+        out.append((what + " and gradient_checkpointing on", low_rank, smaller, True))
     return out
 
 
@@ -203,7 +205,8 @@ def refusal(planner: MemoryPlanner, plan: MemoryPlan, available: int, where: str
         except Exception as e:  # the message must come out whatever a variant does
             log.warning("concept erasure: could not count the variant '%s': %s", what, e)
             continue
-        (fits if need(other) <= available else others).append(f"{what} (about {gib(other.total)})")
+        (fits if need(other) <= available else others).append(
+            f"{what} (needs {gib(need(other))}, {gib(other.total)} in all)")
     if fits:
         advice = "What would fit: " + "; ".join(fits) + "."
     elif others:
