@@ -3,7 +3,8 @@
 (a) plain ESD-x, written here as ESD does it: a trainable copy of the UNet; every iteration samples x_t afresh
     (a random number of the sampling_steps Euler/DDIM steps, cond+uncond batched, with the student), calls the
     frozen model twice (uncond, concept) and takes one Adam step on the attn2 weights;
-(b) the trainer through the Train Concept Erasure node (method esd_x, trajectories reused for
+(b) the trainer through the Train Concept Erasure node (method esd_x with full deltas, rank 0, as (a) trains;
+    the memory plan counted before the first iteration is part of its time; trajectories reused for
     trajectory_refresh iterations, one batched teacher call, weight deltas on one copy of the UNet).
 Prints seconds per 100 iterations of both and the ratio, plus the relative error of each result to the ESD target
 on held-out x_t (1.0 = untrained), so speed is not bought with quality.
@@ -116,7 +117,8 @@ def plain_esd(model, concept, uncond, a, device, amp):
     return seconds, student
 
 
-def run_trainer(model, concept, uncond, a, refresh, method="esd_x"):
+def run_trainer(model, concept, uncond, a, refresh, method="esd_x", rank=0):
+    """The node's train function; esd_x with full deltas (rank 0) trains what the plain ESD-x loop trains."""
     import torch
 
     from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
@@ -127,7 +129,7 @@ def run_trainer(model, concept, uncond, a, refresh, method="esd_x"):
     inputs.update(model=model, concept=concept, unconditional=uncond, method=method, iterations=a.iterations,
                   learning_rate=a.learning_rate, sampling_steps=a.sampling_steps, sampling_cfg=a.sampling_cfg,
                   negative_guidance=a.negative_guidance, trajectory_refresh=refresh, resolution=a.latent * 8,
-                  seed=a.seed, dtype=a.dtype, key_weight=a.key_weight)
+                  seed=a.seed, dtype=a.dtype, key_weight=a.key_weight, rank=rank)
     sync(model.load_device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -275,10 +277,11 @@ def main():
               f"relative error to ESD target {err:.3f}{ratio}")
     if not a.refresh_sweep:
         peak_reset()
-        seconds, _ = run_trainer(model, concept, uncond, a, refresh, method="lp")
+        seconds, _ = run_trainer(model, concept, uncond, a, refresh, method="lp", rank=TrainSettings().rank)
         rate = seconds / a.iterations * per
         ratio = f"; speed-up over (a) {plain_rate / rate:.1f}x" if plain_rate else ""
-        print(f"(c) trainer lp (erase + key terms), trajectory_refresh {refresh}: {rate:8.2f} s / {per} iterations"
+        print(f"(c) trainer lp (erase + key terms, rank {TrainSettings().rank}), trajectory_refresh {refresh}: "
+              f"{rate:8.2f} s / {per} iterations"
               f"{peak()}{ratio}")
 
 

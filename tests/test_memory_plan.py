@@ -208,3 +208,22 @@ def test_dtype_rules():
     assert compute_dtype("bf16", "cpu", torch.float32, emulated) == torch.bfloat16
     with pytest.raises(ErasureError, match="cuda does not run bf16 natively.*use dtype auto or fp16"):
         compute_dtype("bf16", "cuda", torch.float16, emulated)
+
+
+def test_a_model_the_count_cannot_follow_still_trains_on_an_estimate(monkeypatch, caplog):
+    """E.g. an attention kernel (xformers, sage) with no shape-only version: the plan falls back to an estimate,
+    says so, and training goes on."""
+    import comfyui_concept_erasure.trainer.memory_plan as memory_plan
+
+    def no_shape_only_run(*args, **kwargs):
+        raise NotImplementedError("aten::some_kernel has no fake implementation")
+
+    monkeypatch.setattr(memory_plan, "shape_only_model", no_shape_only_run)
+    model = build_model("sd15")
+    result = train(model, resolution=128)
+    plan = result.memory
+    assert plan.estimated and "estimated, not counted" in plan.describe()
+    assert plan.checkpointing  # auto, with nothing counted to decide on: the cheaper side
+    assert plan.trainable == 12 * plan.trainable_params > 0 and plan.iteration > 0
+    assert "could not count the training memory (NotImplementedError" in caplog.text
+    assert len(result.losses["erase"]) == RUN["iterations"]

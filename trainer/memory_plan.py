@@ -22,6 +22,7 @@ import torch
 
 from .checkpointing import checkpointed_transformers
 from .conditioning import Cond
+from .deltas import target_layers
 from .denoiser import Denoiser
 from .host_autograd import trainable_model
 from .iteration import build_trainables, loss_terms, optimizer_step
@@ -55,6 +56,7 @@ class MemoryPlan:
     trainable: int
     iteration: int
     settings: TrainSettings
+    estimated: bool = False  # the count failed (e.g. an attention kernel without a shape-only version)
 
     @property
     def headroom(self) -> int:
@@ -89,7 +91,7 @@ class MemoryPlan:
             parts.append(f"allocator headroom {gib(self.headroom)}")
         return (f"{gib(self.total)} on {self.device} ({s.method}, {deltas}, {self.dtype}, {self.resolution} px, "
                 f"batch {s.batch_size}, gradient checkpointing {'on' if self.checkpointing else 'off'}: "
-                f"{', '.join(parts)})")
+                f"{', '.join(parts)}{'; the iteration estimated, not counted' if self.estimated else ''})")
 
 
 class TrainingMemoryError(RuntimeError):
@@ -119,7 +121,7 @@ class MemoryPlanner:
         self.run = run
         self._cache: Dict[tuple, MemoryPlan] = {}
         unet = run.base_model.diffusion_model
-        tensors = [t for t in list(unet.parameters()) + list(unet.buffers())]
+        tensors = list(unet.parameters()) + list(unet.buffers())
         self.weights = sum(t.numel() * t.element_size() for t in tensors)
         itemsize = torch.empty((), dtype=run.compute_dtype).element_size()
         self.weight_copies = sum(t.numel() * itemsize for t in tensors
@@ -128,13 +130,32 @@ class MemoryPlanner:
     def plan(self, s: TrainSettings, resolution: int, checkpointing: bool) -> MemoryPlan:
         key = (dataclasses.astuple(s), resolution, checkpointing)
         if key not in self._cache:
-            iteration, trainable, params = self._count(s, resolution, checkpointing)
+            estimated = False
+            try:
+                iteration, trainable, params = self._count(s, resolution, checkpointing)
+            except Exception as e:  # a host or kernel the shape-only run cannot follow must not stop training
+                log.warning("concept erasure: could not count the training memory (%s: %s); estimating it from "
+                            "ComfyUI's inference estimate instead", type(e).__name__, e)
+                iteration, trainable, params = self._estimate(s, resolution)
+                estimated = True
             self._cache[key] = MemoryPlan(
                 device=str(torch.device(self.run.load_device)), dtype=NAMES[self.run.compute_dtype],
                 checkpointing=checkpointing, resolution=resolution, weights=self.weights,
                 weight_copies=self.weight_copies, trainable_params=params, trainable=trainable, iteration=iteration,
-                settings=s)
+                settings=s, estimated=estimated)
         return self._cache[key]
+
+    def _estimate(self, s: TrainSettings, resolution: int) -> Tuple[int, int, int]:
+        """The fallback: trainable parameters from the layer shapes (exact), the iteration as ComfyUI's own inference
+        estimate for the teacher's batch (a rough figure: fit() does not refuse on it)."""
+        run = self.run
+        layers = target_layers(run.base_model.diffusion_model, s.method)
+        params = sum(m.weight.numel() if s.rank == 0 else s.rank * (m.weight.shape[0] + m.weight[0].numel())
+                     for m in layers.values())
+        params += 2 * s.prompt_tokens * run.context_dim if s.uses_prompt else 0
+        rows = s.batch_size * (3 if run.preserves else 2)
+        shape = [rows, run.latent_channels, resolution // 8, resolution // 8]
+        return int(run.base_model.memory_required(shape)), 12 * params, params
 
     def _count(self, s: TrainSettings, resolution: int, checkpointing: bool) -> Tuple[int, int, int]:
         run = self.run
@@ -223,10 +244,14 @@ def fit(planner: MemoryPlanner, s: TrainSettings, resolution: int, setting: str,
     """Choose gradient checkpointing (setting auto/on/off), load the model, and return the plan that fits.
 
     Refuses before loading when even the smallest candidate exceeds the device's total memory, and after loading
-    (ComfyUI has unloaded what it could) when none fits the free memory.
+    (ComfyUI has unloaded what it could) when none fits the free memory. An estimated plan refuses nothing: auto
+    then takes checkpointing, the cheaper side.
     """
     order = [False, True] if setting == "auto" else [setting == "on"]
     first = planner.plan(s, resolution, order[0])
+    if first.estimated:  # no count to decide on: load, keep memory low when allowed to, and go on
+        load(first)
+        return planner.plan(s, resolution, setting != "off")
     if first.total > total_memory:
         last = planner.plan(s, resolution, order[-1])
         if last.total > total_memory:
