@@ -5,8 +5,8 @@ The plan is made of:
   weight copies  the same weights converted to the compute dtype for the run (0 when they are loaded in it)
   trainable      deltas and prompt tokens: float32 values and Adam's two moments
   iteration      the peak of one iteration on top of those: activations kept for backward (fewer with gradient
-                 checkpointing), gradients, the teacher's batch, the optimizer's temporaries, the trajectory pool,
-                 the encoded conditioning
+                 checkpointing), gradients, the teacher's batch, the optimizer's temporaries, a step of trajectory
+                 sampling, the trajectory pool, the encoded conditioning
 The iteration is counted, not estimated: the trainer's own iteration code runs once on a shape-only copy of the
 model (memory_count.py), with the same settings, so every tensor it creates is seen with its size.
 """
@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .checkpointing import checkpointed_transformers
-from .conditioning import Cond
+from .conditioning import Cond, CondBatch
 from .deltas import target_layers
 from .denoiser import Denoiser
 from .host_autograd import trainable_model
@@ -185,11 +185,18 @@ class MemoryPlanner:
             x_t = torch.zeros((s.batch_size, *latent), device=device)
             sigma = torch.ones(s.batch_size, device=device)
             denoiser = Denoiser(model, run.transformer_options, device, parts.deltas, parts.prompt, run.kind)
+            uncond = fake(run.unconditional)
             with parts.deltas.attached(), checkpointed_transformers(model.diffusion_model, parts.deltas,
                                                                     checkpointing), LiveBytes() as live:
-                loss_terms(denoiser, s, x_t, sigma, fake(run.unconditional), concepts, preserves,
-                           lambda loss: loss.backward())
+                loss_terms(denoiser, s, x_t, sigma, uncond, concepts, preserves, lambda loss: loss.backward())
                 optimizer_step(parts, None)
+                with torch.no_grad():  # a step of trajectory sampling: concept (and uncond for CFG) rows
+                    rows = concepts + ([uncond] * s.batch_size if s.sampling_cfg != 1.0 else [])
+                    CondBatch(rows, [0, 1] if s.sampling_cfg != 1.0 else [0]).run(
+                        lambda xs, ss, cond, cu: denoiser.denoised(xs, ss, cond, deltas=True,
+                                                                   prompt=s.method == "lp_attached",
+                                                                   cond_or_uncond=cu),
+                        x_t.repeat(len(rows) // s.batch_size, 1, 1, 1), sigma.repeat(len(rows) // s.batch_size))
         # held through the run: the trajectory pool, and the encoded conditioning (SDXL's is a few MB)
         pool = (s.sampling_steps + 1) * s.batch_size * math.prod(latent) * 4
         conds = tensor_bytes(t for c in [*run.concepts, run.unconditional, *run.preserves] for t in c.values())
