@@ -4,25 +4,15 @@ import comfy.latent_formats
 import pytest
 
 from comfy_server import ServerError
-from server_fixtures import CHECKPOINT, export_on_server
-from test_server import run_for_latent
+from server_fixtures import export_on_server
+from test_server import run_for_latent, sampling_prompt
 from tiny_models import build_model
 
 
 def one_step_prompt(model_nodes, model_ref, prefix):
     """Checkpoint -> one Euler step at cfg 1 from pure noise -> SaveLatent: the saved latent is the model's x0
     prediction, x_T - sigma_max * eps, divided by the latent scale factor."""
-    prompt = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["ckpt", 1]}},
-        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": model_ref, "positive": ["pos", 0], "negative": ["pos", 0], "latent_image": ["empty", 0],
-            "seed": 11, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": prefix}},
-    }
-    prompt.update(model_nodes)
-    return prompt
+    return sampling_prompt(model_ref, model_nodes, prefix, steps=1, cfg=1.0, seed=11)
 
 
 def eps_difference(latent_a, latent_b):

@@ -9,8 +9,8 @@ PACK_NODES = ("LoadConceptErasure", "ApplyConceptErasure", "SaveConceptErasure",
               "SaveConceptErasureAsLoRA", "LoadConceptErasureFromWeights")
 
 
-def sampling_prompt(model_ref, nodes, prefix):
-    """Checkpoint -> text encodes -> KSampler(model_ref) -> SaveLatent, on an 8x8 latent, 2 steps."""
+def sampling_prompt(model_ref, nodes, prefix, steps=2, cfg=5.0, seed=7):
+    """Checkpoint -> text encodes -> KSampler(model_ref) -> SaveLatent, on an 8x8 latent."""
     prompt = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["ckpt", 1]}},
@@ -18,7 +18,8 @@ def sampling_prompt(model_ref, nodes, prefix):
         "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "sample": {"class_type": "KSampler", "inputs": {
             "model": model_ref, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["empty", 0],
-            "seed": 7, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1.0}},
         "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": prefix}},
     }
     prompt.update(nodes)
