@@ -114,8 +114,8 @@ class TrainConceptErasure:
 
     def train(self, model, concept, unconditional, method, iterations, learning_rate, prompt_learning_rate,
               negative_guidance, prompt_tokens, placement, erase_weight, key_weight, preserve_weight, sampling_steps,
-              sampling_cfg, trajectory_refresh, batch_size, resolution, seed, rank, dtype, gradient_checkpointing="auto",
-              concept_label="", preserve=None):
+              sampling_cfg, trajectory_refresh, batch_size, resolution, seed, rank, dtype,
+              gradient_checkpointing="auto", concept_label="", preserve=None):
         settings = TrainSettings(
             method=method, iterations=iterations, learning_rate=learning_rate,
             prompt_learning_rate=prompt_learning_rate, negative_guidance=negative_guidance,

@@ -72,8 +72,13 @@ def test_checkpointing_and_low_rank_need_less_and_the_plan_says_so():
 
 
 def _limit_free(monkeypatch, free):
+    """The trainer sees `free` bytes free on the device. ComfyUI's CPU attention also sizes its chunks by the free
+    memory (the two-value form of the call): it keeps seeing the machine's, so that it runs as it did when the
+    plans being compared were counted."""
+    real = comfy.model_management.get_free_memory
+
     def get_free_memory(dev=None, torch_free_too=False):
-        return (free, free) if torch_free_too else free
+        return real(dev, True) if torch_free_too else free
     monkeypatch.setattr(comfy.model_management, "get_free_memory", get_free_memory)
 
 
@@ -103,7 +108,8 @@ def test_a_run_larger_than_the_whole_device_is_refused_before_anything_is_loaded
     model = build_model("sd15")
     loads = []
     real_load = comfy.model_management.load_models_gpu
-    monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu",
+                        lambda *a, **k: loads.append(a) or real_load(*a, **k))
     monkeypatch.setattr(comfy.model_management, "get_total_memory", lambda *a, **k: 1024 ** 2)
     with pytest.raises(TrainingMemoryError, match=r"in all \(the device's total memory\)"):
         train(model, resolution=128, gradient_checkpointing="auto")
@@ -230,3 +236,47 @@ def test_a_model_the_count_cannot_follow_still_trains_on_an_estimate(monkeypatch
     assert plan.trainable == 12 * plan.trainable_params > 0 and plan.iteration > 0
     assert "could not count the training memory (NotImplementedError" in caplog.text
     assert len(result.losses["erase"]) == RUN["iterations"]
+
+
+def test_the_stand_in_attention_computes_what_the_hosts_attention_computes():
+    """When the host's attention kernel cannot run on shape-only tensors (xformers, sage, kernels that size
+    themselves by the data), the count runs PyTorch's fused attention in its place: the same function."""
+    from comfyui_concept_erasure.trainer.memory_count import with_sdpa_attention
+
+    model = build_model("sdxl")
+    base = model.model
+    g = torch.Generator().manual_seed(4)
+    x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 2048, generator=g)
+    y = torch.randn(2, 2816, generator=g)
+    sigma = torch.tensor([2.0, 0.5])
+    with torch.no_grad():
+        host = base.apply_model(x, sigma, c_crossattn=context, y=y, transformer_options={})
+        stand_in = base.apply_model(x, sigma, c_crossattn=context, y=y, transformer_options=with_sdpa_attention({}))
+    assert torch.allclose(host, stand_in, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(host, base.apply_model(x, sigma, c_crossattn=context * 0, y=y), atol=1e-3)
+
+
+def test_an_attention_kernel_the_count_cannot_run_is_stood_in_for(monkeypatch, caplog):
+    """A kernel like xformers' has no shape-only version: the count runs PyTorch's fused attention instead and
+    still counts (no estimate), and the training itself runs the host's kernel."""
+    import logging
+
+    import comfy.ldm.modules.attention as attention
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    host_kernel = attention.optimized_attention
+    calls = []
+
+    def kernel_without_shape_only_version(q, *args, **kwargs):
+        if isinstance(q, FakeTensor):
+            raise NotImplementedError("no fake implementation for this kernel")
+        calls.append(q.shape)
+        return host_kernel(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "optimized_attention", kernel_without_shape_only_version)
+    caplog.set_level(logging.INFO)
+    model = build_model("sd15")
+    result = train(model, resolution=128)
+    assert not result.memory.estimated
+    assert "counted with PyTorch attention standing in for the host's (NotImplementedError" in caplog.text
+    assert calls and len(result.losses["erase"]) == RUN["iterations"]

@@ -43,7 +43,7 @@ def _transformer_blocks(unet: torch.nn.Module) -> List[torch.nn.Module]:
     return [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
 
 
-def residuals_break_backward(unet: torch.nn.Module) -> bool:
+def residuals_break_backward(unet: torch.nn.Module, transformer_options: Optional[dict] = None) -> bool:
     """True when a backward through one of the host's transformer blocks fails because of in-place residuals."""
     blocks = _transformer_blocks(unet)
     if not blocks:
@@ -57,7 +57,8 @@ def residuals_break_backward(unet: torch.nn.Module) -> bool:
     context = torch.randn(1, 2, context_dim, generator=gen).to(weight.device, weight.dtype)
     try:
         with torch.enable_grad():
-            block(x * 1.0, context=context, transformer_options={}).float().sum().backward()
+            out = block(x * 1.0, context=context, transformer_options=dict(transformer_options or {}))
+            out.float().sum().backward()
     except RuntimeError as e:
         if "inplace" in str(e):
             return True
@@ -97,12 +98,14 @@ def convert_weights(unet: torch.nn.Module, dtype: Optional[torch.dtype], restore
 
 
 @contextlib.contextmanager
-def trainable_model(base_model: torch.nn.Module, compute_dtype: Optional[torch.dtype] = None) -> Iterator[bool]:
+def trainable_model(base_model: torch.nn.Module, compute_dtype: Optional[torch.dtype] = None,
+                    transformer_options: Optional[dict] = None) -> Iterator[bool]:
     """Inside inference_mode(False): frozen, autograd-ready weights in `compute_dtype` (None: as loaded), with the
     in-place shim when the host needs it.
 
     Yields whether the shim was installed. Afterwards the hooks are gone, weights converted for the run are the
-    original tensors again, the UNet's dtype attributes and requires_grad are as before.
+    original tensors again, the UNet's dtype attributes and requires_grad are as before. transformer_options go to
+    the one block the in-place check runs (the memory count's stand-in attention, say).
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError("trainable_model must be entered inside torch.inference_mode(False)")
@@ -120,11 +123,11 @@ def trainable_model(base_model: torch.nn.Module, compute_dtype: Optional[torch.d
             unet.dtype = compute_dtype
             base_model.manual_cast_dtype = None
         base_model.requires_grad_(False)
-        if residuals_break_backward(unet):
+        if residuals_break_backward(unet, transformer_options):
             handles = install_residual_shim(unet)
             log.info("concept erasure: this ComfyUI adds transformer residuals in place; shimmed %d norms for "
                      "training", len(handles))
-            if residuals_break_backward(unet):
+            if residuals_break_backward(unet, transformer_options):
                 raise ErasureError("this ComfyUI version modifies tensors in place inside its transformer blocks "
                                    "in a way the trainer cannot work around; backward is impossible")
         yield bool(handles)

@@ -64,6 +64,37 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class EveryBlock(dict):
+    """A patches_replace table (transformer_options) that holds `fn` for every block key the UNet asks about."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def __contains__(self, key) -> bool:
+        return True
+
+    def __getitem__(self, key):
+        return self.fn
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """An attn1 / attn2 replacement with PyTorch's fused attention (it keeps no attention matrix, as the
+    memory-efficient kernels ComfyUI uses on GPUs do): q, k, v projected [batch, tokens, heads * dim]."""
+    heads = extra_options["n_heads"]
+    batch, tokens, inner = q.shape
+    q, k, v = (t.reshape(batch, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch, tokens, inner)
+
+
+def with_sdpa_attention(transformer_options: dict) -> dict:
+    """transformer_options in which every attention of the UNet runs sdpa_attention."""
+    replace = dict(transformer_options.get("patches_replace", {}))
+    replace["attn1"] = replace["attn2"] = EveryBlock(sdpa_attention)
+    return dict(transformer_options, patches_replace=replace)
+
+
 def fake_mode() -> FakeTensorMode:
     # Real tensors that meet fake ones (the model's sigma table, conditioning from other nodes) become fake too.
     return FakeTensorMode(allow_non_fake_inputs=True)

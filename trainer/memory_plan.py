@@ -13,6 +13,7 @@ model (memory_count.py), with the same settings, so every tensor it creates is s
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from .deltas import target_layers
 from .denoiser import Denoiser
 from .host_autograd import trainable_model
 from .iteration import build_trainables, loss_terms, optimizer_step
-from .memory_count import LiveBytes, counting_device, fake_mode, shape_only_model, tensor_bytes
+from .memory_count import (LiveBytes, counting_device, fake_mode, shape_only_model, tensor_bytes,
+                           with_sdpa_attention)
 from .precision import NAMES
 from .settings import TrainSettings
 
@@ -132,12 +134,18 @@ class MemoryPlanner:
         if key not in self._cache:
             estimated = False
             try:
-                iteration, trainable, params = self._count(s, resolution, checkpointing)
-            except Exception as e:  # a host or kernel the shape-only run cannot follow must not stop training
-                log.warning("concept erasure: could not count the training memory (%s: %s); estimating it from "
-                            "ComfyUI's inference estimate instead", type(e).__name__, e)
-                iteration, trainable, params = self._estimate(s, resolution)
-                estimated = True
+                iteration, trainable, params = self._count(s, resolution, checkpointing, self.run.transformer_options)
+            except Exception as first:  # an attention kernel with no shape-only version (xformers, sage, a chunked
+                try:                    # kernel sizing itself by data): PyTorch's fused attention stands in
+                    iteration, trainable, params = self._count(s, resolution, checkpointing,
+                                                               with_sdpa_attention(self.run.transformer_options))
+                    log.info("concept erasure: training memory counted with PyTorch attention standing in for the "
+                             "host's (%s: %s)", type(first).__name__, first)
+                except Exception as e:  # a host the shape-only run cannot follow must not stop training
+                    log.warning("concept erasure: could not count the training memory (%s: %s); estimating it "
+                                "from ComfyUI's inference estimate instead", type(e).__name__, e)
+                    iteration, trainable, params = self._estimate(s, resolution)
+                    estimated = True
             self._cache[key] = MemoryPlan(
                 device=str(torch.device(self.run.load_device)), dtype=NAMES[self.run.compute_dtype],
                 checkpointing=checkpointing, resolution=resolution, weights=self.weights,
@@ -157,13 +165,26 @@ class MemoryPlanner:
         shape = [rows, run.latent_channels, resolution // 8, resolution // 8]
         return int(run.base_model.memory_required(shape)), 12 * params, params
 
-    def _count(self, s: TrainSettings, resolution: int, checkpointing: bool) -> Tuple[int, int, int]:
+    def _count(self, s: TrainSettings, resolution: int, checkpointing: bool,
+               options: dict) -> Tuple[int, int, int]:
+        # Python's cycle collector would free some tensors at moments that differ from run to run; without it the
+        # count is the same every time (and errs on the high side, as a real run's uncollected cycles do).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._count_once(s, resolution, checkpointing, options)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _count_once(self, s: TrainSettings, resolution: int, checkpointing: bool,
+                    options: dict) -> Tuple[int, int, int]:
         run = self.run
         device = counting_device(run.load_device)
         latent = (run.latent_channels, resolution // 8, resolution // 8)
         mode = fake_mode()
         model = shape_only_model(run.base_model, run.compute_dtype, device, mode)
-        with torch.inference_mode(False), mode, trainable_model(model):
+        with torch.inference_mode(False), mode, trainable_model(model, transformer_options=options):
             parts = build_trainables(model.diffusion_model, s, run.context_dim, 1.0, device,
                                      torch.Generator().manual_seed(0),
                                      foreach=torch.device(run.load_device).type == "cuda")
@@ -184,7 +205,7 @@ class MemoryPlanner:
             preserves = [fake(run.preserves[0])] * s.batch_size if run.preserves else []
             x_t = torch.zeros((s.batch_size, *latent), device=device)
             sigma = torch.ones(s.batch_size, device=device)
-            denoiser = Denoiser(model, run.transformer_options, device, parts.deltas, parts.prompt, run.kind)
+            denoiser = Denoiser(model, options, device, parts.deltas, parts.prompt, run.kind)
             uncond = fake(run.unconditional)
             with parts.deltas.attached(), checkpointed_transformers(model.diffusion_model, parts.deltas,
                                                                     checkpointing), LiveBytes() as live:
