@@ -24,7 +24,7 @@ the world's classifier reads object and colour from each image:
 Extra rows: the default method's erasure with its key attached (Recover Erased Concept: here a LOW 'erased'
 means the key brings the concept back), erasing "a square" and "a triangle" together (Conditioning Combine),
 erasing "a square" with "a circle" and "a ring" as the preserve set, and the default method with full deltas
-(rank 0, ESD's setting, the default before rank-16 LoRA factors).
+(rank 0, ESD's setting, the default before rank-32 LoRA factors).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ QUICK = dict(iterations=150, samples=8)
 #   resolution 128: the world's latents are 16x16 (128 px in SD's 8x VAE terms);
 #   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet; on this 1.6M-parameter UNet
 #   it changes nothing (0% erased at 150 iterations), 1e-4 erases ~90%, 3e-4 ~95-100%, 1e-3 starts to hurt
-#   (sweep on the first world with full deltas, see RESULTS.md). The default rank-16 factors erase as well as
+#   (sweep on the first world with full deltas, see RESULTS.md). The default rank-32 factors erase as well as
 #   full deltas at this same rate (rank sweep in RESULTS.md).
 WORLD_SETTINGS = dict(resolution=128, learning_rate=3e-4)
 FULL_DELTAS = dict(rank=0)

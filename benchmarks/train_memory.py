@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-DEFAULT_CONFIGS = ("lp:16:off", "lp:16:on", "lp:0:off", "lp:0:on", "lp_attached:16:off", "esd_x:16:off",
-                   "esd_x:0:off", "esd_u:16:off", "esd_u:16:on")
+DEFAULT_CONFIGS = ("lp:32:off", "lp:32:on", "lp:0:off", "lp:0:on", "lp_attached:32:off", "esd_x:32:off",
+                   "esd_x:0:off", "esd_u:32:off", "esd_u:32:on")
 GiB = 2 ** 30
 
 

@@ -59,7 +59,7 @@ class TrainConceptErasure:
                 "iterations": _int(d.iterations, 1, 100000, "Training iterations (optimizer steps)."),
                 "learning_rate": _float(d.learning_rate, 1e-8, 1.0, 1e-7,
                                         "Adam learning rate of the weight deltas: ESD's 1e-5 for an SD-sized UNet. In "
-                                        "the pack's benchmark the default rank-16 factors erased as well as full "
+                                        "the pack's benchmark the default rank-32 factors erased as well as full "
                                         "deltas at the same rate; rank 8 needed about 3x it."),
                 "prompt_learning_rate": _float(d.prompt_learning_rate, 1e-8, 1.0, 1e-7,
                                                "Adam learning rate of the prompt tokens (lp methods)."),
@@ -89,7 +89,7 @@ class TrainConceptErasure:
                                                           "(SD1.x/SD2.x) or 1024 (SDXL).", step=8),
                 "seed": _int(d.seed, 0, 0xFFFFFFFFFFFFFFFF,
                              "Seed of every random draw; same seed, same result on CPU."),
-                "rank": _int(d.rank, 0, 1024, "Rank of the LoRA factors the weight deltas are trained as (default 16: "
+                "rank": _int(d.rank, 0, 1024, "Rank of the LoRA factors the weight deltas are trained as (default 32: "
                                               "files of a few MB, SDXL fits a 12 GB card); 0 = full deltas, as ESD "
                                               "trains them (an SD1.5 file of about 90 MB in fp16; not for esd_u)."),
                 "dtype": (list(DTYPES), {"default": d.dtype, "tooltip":

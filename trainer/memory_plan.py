@@ -39,7 +39,7 @@ GiB = 2 ** 30
 # workspaces. Kept free on accelerators on top of the plan.
 ACCELERATOR_HEADROOM = 0.10
 ACCELERATOR_RESERVE = 256 * 2 ** 20
-LOW_RANK = 16  # what a refusal offers instead of full deltas (the node's default)
+LOW_RANK = 32  # what a refusal offers instead of full deltas (the node's default)
 
 
 def gib(n: float) -> str:

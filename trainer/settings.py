@@ -35,7 +35,7 @@ class TrainSettings:
     batch_size: int = 1
     resolution: int = 0
     seed: int = 0
-    rank: int = 16
+    rank: int = 32
     dtype: str = "auto"
     gradient_checkpointing: str = "auto"
 
