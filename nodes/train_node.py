@@ -90,8 +90,9 @@ class TrainConceptErasure:
                 "seed": _int(d.seed, 0, 0xFFFFFFFFFFFFFFFF,
                              "Seed of every random draw; same seed, same result on CPU."),
                 "rank": _int(d.rank, 0, 1024, "Rank of the LoRA factors the weight deltas are trained as (default 32: "
-                                              "files of a few MB, SDXL fits a 12 GB card); 0 = full deltas, as ESD "
-                                              "trains them (an SD1.5 file of about 90 MB in fp16; not for esd_u)."),
+                                              "files of 6.5 MB for SD1.5 and 51 MB for SDXL, whose training fits "
+                                              "11 GiB); 0 = full deltas, as ESD trains them (SD1.5: 88 MB in fp16, "
+                                              "SDXL needs 18 GiB; not for esd_u)."),
                 "dtype": (list(DTYPES), {"default": d.dtype, "tooltip":
                           "The one dtype the UNet computes in while training (the trained deltas stay fp32). auto = "
                           "the dtype ComfyUI loaded the model in (fp16/bf16 on a GPU, so no copy of the weights is "
