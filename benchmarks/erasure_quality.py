@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/erasure_quality.py --quick    # 150 iterations, 8 samples per prompt
     (times on one CPU thread are in RESULTS.md; BENCH_THREADS=n uses more threads, a GPU is used when present)
 
-The world (benchmarks/quality_world, committed as world.safetensors) is trained by
-benchmarks/quality_world/train.py. Every erasure here is trained through the pack's Train Concept Erasure node
+The world (demo_world/, the pack's demo world, committed as demo_world/world.safetensors) is trained by
+benchmarks/train_demo_world.py. Every erasure here is trained through the pack's Train Concept Erasure node
 (its `train` function, with the node's widget defaults except WORLD_SETTINGS below) on the world's small
 SD1.5-family UNet; the concept is "a square". Each model then samples the same seeds for every test prompt and
 the world's classifier reads object and colour from each image:
@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_world import host  # noqa: E402
+import bench_host as host  # noqa: E402
 
 ERASED, SECOND = "square", "triangle"
 PRESERVE_SET = ("circle", "ring")
@@ -59,7 +59,7 @@ def combine(*conditionings) -> list:
 
 
 def prompt_sets(erased_objects):
-    from quality_world.vocabulary import COLOURS, OBJECTS, SYNONYMS
+    from comfyui_concept_erasure.demo_world.vocabulary import COLOURS, OBJECTS, SYNONYMS
 
     def prompts(word):
         return [(f"a {c} {word}", c) for c in COLOURS] + [(f"a {word}", None)]
@@ -75,8 +75,8 @@ _FIRST_SAMPLE = {}  # caption -> the original model's first sample (LATENT), for
 
 def measure(world, model, sets, samples: int, with_scores: bool) -> dict:
     """Classifier rates (and report scores) for one model on the prompt sets; same seed for every prompt."""
-    from quality_world.renderer import encode
-    from quality_world.world import CFG, STEPS, read_prompt_samples, sample
+    from comfyui_concept_erasure.demo_world.renderer import encode
+    from comfyui_concept_erasure.demo_world.world import CFG, STEPS, read_prompt_samples, sample
 
     from comfyui_concept_erasure.report.concept_report import concept_scores
 
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     import torch
 
     from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
-    from quality_world.world import load_world
+    from comfyui_concept_erasure.demo_world.world import load_world
 
     mode = dict(QUICK if opts.quick else FULL)
     mode.update({k: getattr(opts, k) for k in ("iterations", "samples") if getattr(opts, k)})

@@ -50,7 +50,8 @@ class ConceptErasureReport:
                labels=""):
         grid, summary, _ = compare_models(original_model, erased_model, prompts, unconditional, vae, labels, seed,
                                           steps, width, height, cfg)
-        return (grid, summary)
+        # The summary also goes to the history as text, so the server's client (scripts/demo.py) can print it.
+        return {"ui": {"text": [summary]}, "result": (grid, summary)}
 
 
 NODE_CLASS_MAPPINGS = {"ConceptErasureReport": ConceptErasureReport}

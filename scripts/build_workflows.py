@@ -27,8 +27,9 @@ KEPT_TEXT = "Claude Monet"
 SEED = 42
 
 
-def node(key, type, pos, widgets=None, title=None, size=None):
-    return dict(key=key, type=type, pos=list(pos), widgets=widgets or {}, title=title, size=size)
+def node(key, type, pos, widgets=None, title=None, size=None, exact=False):
+    """exact: use `size` even where it is smaller than the node's own (short prompts in a column)."""
+    return dict(key=key, type=type, pos=list(pos), widgets=widgets or {}, title=title, size=size, exact=exact)
 
 
 def note(key, pos, text, size=(400, 300)):
@@ -224,12 +225,82 @@ EXPORT = dict(
            ("sampler", 0, "decode", "samples"), ("ckpt", 2, "decode", "vae"), ("decode", 0, "save", "images")],
 )
 
+# The demo world (Load Demo World): erase "square", then the report on squares, their unseen synonym and kept shapes.
+DEMO_CONCEPT = "a square"
+DEMO_PROMPTS = (("a red square", "erased"), ("a green box", "erased, synonym never trained"),
+                ("a blue circle", "kept"), ("a yellow cross", "kept"), ("a red triangle", "kept"))
+DEMO_SEED = 42
+# What the world needs changed from the trainer's defaults: its 16x16 latents are 128 px, and its UNet is 1.6 M
+# parameters instead of 860 M, so it needs a larger step (benchmarks/erasure_quality.py uses the same two values).
+DEMO_TRAINING = {"resolution": 128, "learning_rate": 3e-4}
+DEMO_REPORT = {"steps": 20, "width": 128, "height": 128, "cfg": 4.0}
+
+
+def _demo_prompt_nodes(x, y):
+    out, links, step = [], [], 130
+    for i, (text, role) in enumerate(DEMO_PROMPTS):
+        out.append(node(f"p{i}", "CLIPTextEncode", (x, y + i * step), {"text": text}, f"Row {i + 1}: {role}",
+                        size=(400, 100), exact=True))
+        links.append(("world", 1, f"p{i}", "clip"))
+    previous = "p0"
+    for i in range(1, len(DEMO_PROMPTS)):
+        out.append(node(f"c{i}", "ConditioningCombine", (x + 440, y + 30 + (i - 1) * step), size=(300, 50)))
+        links += [(previous, 0, f"c{i}", "conditioning_1"), (f"p{i}", 0, f"c{i}", "conditioning_2")]
+        previous = f"c{i}"
+    return out, links, previous
+
+
+DEMO_ROW2 = 680  # below the trainer, whose widgets reach about y = 600
+_DEMO_PROMPTS, _DEMO_PROMPT_LINKS, _DEMO_COMBINED = _demo_prompt_nodes(C1, DEMO_ROW2)
+
+DEMO = dict(
+    title="Demo: erase the square from the demo world",
+    description="Runs on a CPU in a few minutes with no downloads: Load Demo World (a tiny model that draws coloured "
+                "shapes) -> Train Concept Erasure on 'a square' -> the report grid, original left and erased "
+                "right: squares (and the synonym 'box', never trained on) are gone, other shapes stay.",
+    nodes=[
+        note("note", (C0, 0), (
+            "DEMO: ERASE THE SQUARE\n\n"
+            "Load Demo World is a 1.6 M-parameter model that draws one coloured shape (circle, square, triangle, "
+            "cross, ring) from prompts like 'a red square'. It comes with the pack and runs on a CPU.\n\n"
+            "1. Queue. Train Concept Erasure learns to stop drawing 'a square' (1000 iterations, about 1-2 min "
+            "on a CPU; the trainer's defaults except resolution 128 and learning rate 3e-4, which this tiny "
+            "model needs).\n"
+            "2. The grid: rows = the prompts on the left, left column = the original model, right = the erased "
+            "one, same seed. Squares and boxes become other shapes; circles, crosses and triangles stay.\n"
+            "3. The erasure is saved as models/concept_erasure/demo_square_00001_.safetensors (Load Concept "
+            "Erasure lists it).\n\n"
+            "For a real model, open train_concept_erasure.json and load an SD checkpoint instead."), size=(400, 470)),
+        node("world", "LoadDemoWorld", (C0, 520), size=(400, 100)),
+        node("concept", "CLIPTextEncode", (C1, 0), {"text": DEMO_CONCEPT}, "Concept to erase", size=(400, 200)),
+        node("empty", "CLIPTextEncode", (C1, 240), {"text": ""}, "Empty prompt (unconditional)", size=(400, 200)),
+        node("train", "TrainConceptErasure", (C2, 0), dict(DEMO_TRAINING, concept_label="square",
+                                                          control_after_generate="fixed"), size=(400, 0)),
+        node("save", "SaveConceptErasure", (C2 + 460, 0), {"filename_prefix": "concept_erasure/demo_square"},
+             size=(400, 58)),
+        node("curves", "PreviewImage", (C2 + 460, 140), title="Loss curves", size=(520, 330)),
+        *_DEMO_PROMPTS,
+        node("report", "ConceptErasureReport", (C2 + 360, DEMO_ROW2),
+             dict(DEMO_REPORT, seed=DEMO_SEED, control_after_generate="fixed",
+                  labels="\n".join(f"{text} ({role})" for text, role in DEMO_PROMPTS)), size=(400, 0)),
+        node("grid", "SaveImage", (C2 + 820, DEMO_ROW2), {"filename_prefix": "concept_erasure/demo_before_after"},
+             size=(360, 640)),
+    ],
+    links=[("world", 1, "concept", "clip"), ("world", 1, "empty", "clip"), ("world", 0, "train", "model"),
+           ("concept", 0, "train", "concept"), ("empty", 0, "train", "unconditional"),
+           ("train", 1, "save", "erasure"), ("train", 2, "curves", "images"), *_DEMO_PROMPT_LINKS,
+           ("world", 0, "report", "original_model"), ("train", 0, "report", "erased_model"),
+           (_DEMO_COMBINED, 0, "report", "prompts"), ("empty", 0, "report", "unconditional"),
+           ("world", 2, "report", "vae"), ("report", 0, "grid", "images")],
+)
+
 WORKFLOWS = {
     "train_concept_erasure": TRAIN,
     "apply_concept_erasure": APPLY,
     "compare_before_after": COMPARE,
     "recover_with_key": RECOVER,
     "export_as_lora": EXPORT,
+    "demo_world_erasure": DEMO,
 }
 
 _BUILD_JS = """(spec) => {
@@ -247,7 +318,7 @@ _BUILD_JS = """(spec) => {
             if (!w) throw new Error(s.type + ' has no widget ' + name);
             w.value = value;
         }
-        if (s.size) n.size = [Math.max(s.size[0], n.size[0]), Math.max(s.size[1], n.size[1])];
+        if (s.size) n.size = s.exact ? [...s.size] : [Math.max(s.size[0], n.size[0]), Math.max(s.size[1], n.size[1])];
         byKey[s.key] = n;
     }
     for (const [from, slot, to, input] of spec.links) {

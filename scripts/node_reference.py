@@ -36,9 +36,12 @@ def render(pack) -> str:
     lines = []
     for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
         name = pack.NODE_DISPLAY_NAME_MAPPINGS.get(node_id, node_id)
-        lines += [f"### {name} (`{node_id}`)", "", cls.DESCRIPTION, "", "| input | type | what it does |",
-                  "|---|---|---|"]
+        lines += [f"### {name} (`{node_id}`)", "", cls.DESCRIPTION, ""]
         inputs = cls.INPUT_TYPES()
+        if any(inputs.get(section) for section in ("required", "optional")):
+            lines += ["| input | type | what it does |", "|---|---|---|"]
+        else:
+            lines.append("No inputs.")
         for section in ("required", "optional"):
             for input_name, spec in inputs.get(section, {}).items():
                 options = spec[1] if len(spec) > 1 else {}

@@ -1,18 +1,14 @@
 """The benchmark's synthetic world: renderer, vocabulary, text encoder, classifier and UNet fit together."""
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from quality_world import renderer  # noqa: E402
-from quality_world.classifier import OBJECT_CLASSES  # noqa: E402
-from quality_world.text_encoder import CONTEXT_DIM, TextEncoder  # noqa: E402
-from quality_world.vocabulary import COLOURS, CONTEXT_LENGTH, OBJECTS, SYNONYMS, tokenize  # noqa: E402
-from quality_world.world import WORLD_FILE, load_world  # noqa: E402
+from comfyui_concept_erasure.demo_world import renderer  # noqa: E402
+from comfyui_concept_erasure.demo_world.classifier import OBJECT_CLASSES  # noqa: E402
+from comfyui_concept_erasure.demo_world.text_encoder import CONTEXT_DIM, TextEncoder  # noqa: E402
+from comfyui_concept_erasure.demo_world.vocabulary import COLOURS, CONTEXT_LENGTH, OBJECTS, SYNONYMS, tokenize  # noqa: E402
+from comfyui_concept_erasure.demo_world.world import WORLD_FILE, load_world  # noqa: E402
 
 from comfyui_concept_erasure.erasure.concept_erasure import cross_attention_layers, model_context_dim  # noqa: E402
 

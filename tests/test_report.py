@@ -154,7 +154,9 @@ def test_node_runs_under_inference_mode(vae):
     erased = model.clone()
     erased.set_model_attn2_patch(treat_as(cond("sd15", 3)[0][0]))
     with torch.inference_mode():
-        grid, summary = ConceptErasureReport().report(model, erased, cond("sd15", 1), cond("sd15", 3), vae, seed=0,
-                                                      steps=STEPS, width=SIZE, height=SIZE, cfg=4.0, labels="cat")
+        out = ConceptErasureReport().report(model, erased, cond("sd15", 1), cond("sd15", 3), vae, seed=0,
+                                            steps=STEPS, width=SIZE, height=SIZE, cfg=4.0, labels="cat")
+    grid, summary = out["result"]
+    assert out["ui"] == {"text": [summary]}
     assert grid.shape == (1, SIZE, 2 * SIZE + 1, 3)
     assert summary.splitlines()[2].split()[:3] == ["cat", "0.50", "0.50"]

@@ -9,7 +9,7 @@ from comfyui_concept_erasure.trainer.conditioning import CondBatch, encode_entri
 from comfyui_concept_erasure.trainer.deltas import DeltaSet, target_layers
 from comfyui_concept_erasure.trainer.denoiser import Denoiser
 from comfyui_concept_erasure.trainer.host_autograd import residuals_break_backward, trainable_model
-from comfyui_concept_erasure.trainer.loss_plot import COLORS, draw_loss_curves
+from comfyui_concept_erasure.trainer.loss_plot import COLORS, decade_ticks, draw_loss_curves
 from comfyui_concept_erasure.trainer.prediction import model_output, prediction_kind, sampling_schedule
 from comfyui_concept_erasure.trainer.trajectories import TrajectoryPool, sample_trajectories
 from tiny_models import CONTEXT_DIM, build_model, predict
@@ -229,3 +229,9 @@ def test_loss_plot_is_an_image_with_one_curve_per_term():
         color = torch.tensor(COLORS[term], dtype=torch.int16)
         assert (pixels == color).all(-1).sum() > 100, term
     assert draw_loss_curves({}).shape == (1, 384, 768, 3)
+
+
+def test_loss_plot_labels_whole_decades():
+    assert decade_ticks(-6, -1) == [-1, -2, -3, -4, -5, -6]
+    assert decade_ticks(-20, 0) == [0, -3, -6, -9, -12, -15, -18]  # at most 8 labels
+    assert decade_ticks(-3, -2) == [-2, -3]

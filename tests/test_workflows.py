@@ -24,7 +24,9 @@ def test_workflow_files_are_ui_format_with_a_description(name):
     assert notes and len(notes[0]["widgets_values"][0]) > 100, f"{name} has no note for newcomers"
     assert workflow["extra"]["info"]["title"] and workflow["groups"][0]["title"]
     ckpt = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
-    assert ckpt[0]["widgets_values"] == ["v1-5-pruned-emaonly.safetensors"]
+    world = [n for n in workflow["nodes"] if n["type"] == "LoadDemoWorld"]
+    assert len(ckpt) + len(world) == 1, f"{name} should load one model"
+    assert not ckpt or ckpt[0]["widgets_values"] == ["v1-5-pruned-emaonly.safetensors"]
 
 
 def test_train_workflow_saves_an_erasure_with_metadata_and_a_loss_curve(trained_erasure, comfy_base):
@@ -60,6 +62,22 @@ def test_export_workflow_saves_a_lora_and_samples_through_the_core_lora_loader(c
     listed = comfy_server.object_info("LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"]
     assert saved[0] in listed["lora_name"][0]
     check_images(output_images(entry, comfy_base / "output"), "export_as_lora")
+
+
+def test_demo_workflow_trains_on_the_demo_world_and_reports(comfy_server, comfy_base):
+    erasures = comfy_base / "models" / "concept_erasure"
+    before = set(erasures.rglob("*.safetensors"))
+    entry = run_workflow(comfy_server, "demo_world_erasure")
+    saved = [name for out in entry["outputs"].values() for name in out.get("erasure_files", [])]
+    assert len(saved) == 1 and saved[0].startswith("demo_square_")
+    assert set(erasures.rglob("*.safetensors")) - before == {erasures / saved[0]}
+    with safe_open(str(erasures / saved[0]), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["concepts"]) == ["square"]
+    assert json.loads(meta["settings"])["learning_rate"] == 3e-4  # the workflow's rate for the tiny world
+    summaries = [text for out in entry["outputs"].values() for text in out.get("text", [])]
+    assert len(summaries) == 1 and summaries[0].startswith("Concept Erasure Report: 5 prompt(s)")
+    check_images(output_images(entry, comfy_base / "output"), "demo_world_erasure")
 
 
 def test_converter_refuses_a_missing_node_type(object_info):

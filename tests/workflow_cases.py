@@ -13,7 +13,8 @@ from server_fixtures import CHECKPOINT
 from workflow_convert import ui_to_api
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-NAMES = ("train_concept_erasure", "apply_concept_erasure", "compare_before_after", "recover_with_key", "export_as_lora")
+NAMES = ("train_concept_erasure", "apply_concept_erasure", "compare_before_after", "recover_with_key", "export_as_lora",
+         "demo_world_erasure")
 SIZE = 64
 
 FAST = {
@@ -51,12 +52,14 @@ def overrides(name: str, erasure_name: str = None, lora_name: str = None) -> dic
 # What each workflow must save: image sizes (width, height) of its SaveImage outputs. The report's grid is
 # 2 x 2 images (original | erased, for 2 prompts) with a white gap of max(1, width // 64) pixels between them.
 GRID = 2 * SIZE + max(1, SIZE // 64)
+DEMO_GRID = (GRID, 5 * SIZE + 4 * max(1, SIZE // 64))  # the demo's report has 5 prompts
 EXPECTED_IMAGES = {
     "train_concept_erasure": [],
     "apply_concept_erasure": [(SIZE, SIZE)],
     "compare_before_after": [(GRID, GRID)],
     "recover_with_key": [(SIZE, SIZE), (SIZE, SIZE)],
     "export_as_lora": [(SIZE, SIZE)],
+    "demo_world_erasure": [DEMO_GRID],
 }
 
 

@@ -40,6 +40,8 @@ def draw_loss_curves(losses: Dict[str, List[float]], width: int = 768, height: i
     smoothed = {k: [transform(v) for v in _smooth(vals, window)] for k, vals in series.items()}
     low = min(min(v) for v in smoothed.values())
     high = max(max(v) for v in smoothed.values())
+    if log_scale:  # whole decades at both ends, so every axis label is a power of ten
+        low, high = math.floor(low), math.ceil(high)
     if high - low < 1e-12:
         low, high = low - 0.5, high + 0.5
 
@@ -56,12 +58,21 @@ def draw_loss_curves(losses: Dict[str, List[float]], width: int = 768, height: i
         else:
             draw.line([point(i, v) for i, v in enumerate(values)], fill=color, width=2)
         draw.text((left + 8 + 110 * index, 8), f"{name} {series[name][-1]:.3g}", fill=color, font=font)
-    label = (lambda v: f"1e{v:.1f}") if log_scale else (lambda v: f"{v:.3g}")
-    draw.text((4, top - 6), label(high), fill=(0, 0, 0), font=font)
-    draw.text((4, top + plot_h - 6), label(low), fill=(0, 0, 0), font=font)
+    ticks = decade_ticks(low, high) if log_scale else [high, low]
+    for tick in ticks:
+        y = point(0, tick)[1]
+        if log_scale:
+            draw.line([(left - 4, y), (left, y)], fill=(0, 0, 0))
+        draw.text((4, y - 6), f"1e{tick}" if log_scale else f"{tick:.3g}", fill=(0, 0, 0), font=font)
     draw.text((left, top + plot_h + 8), "iteration 1", fill=(0, 0, 0), font=font)
     draw.text((left + plot_w - 80, top + plot_h + 8), f"iteration {steps}", fill=(0, 0, 0), font=font)
     return _to_tensor(image)
+
+
+def decade_ticks(low: int, high: int, most: int = 8) -> List[int]:
+    """Exponents to label between two whole decades: every one, or every k-th when there are more than `most`."""
+    every = max(1, math.ceil((high - low) / (most - 1)))
+    return list(range(int(high), int(low) - 1, -every))
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Train the world (classifier, then text encoder + UNet) and write world.safetensors (fp16, 3.2 MB).
 
-    .venv/bin/python benchmarks/quality_world/train.py            # the committed world: seed 0, defaults below
+    .venv/bin/python benchmarks/train_demo_world.py     # the committed demo_world/world.safetensors: seed 0, defaults below
 
 Seeded and single-threaded by default, so the same command on the same torch gives the same file.
 The UNet learns the standard eps objective (unweighted MSE on the noise) on comfy's SD1.5 discrete schedule
@@ -19,16 +19,21 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    __package__ = "quality_world"
-
 import torch
 import torch.nn.functional as F
 
-from . import host
-from .renderer import images_to_model_latent, random_labels, render_batch, render_empty
-from .vocabulary import COLOURS, OBJECTS, random_caption
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_host as host  # noqa: E402
+
+host.setup(host.threads_from_argv(sys.argv))  # before the pack (and comfy) is imported
+
+from comfyui_concept_erasure.demo_world.renderer import (images_to_model_latent, random_labels,  # noqa: E402
+                                                         render_batch, render_empty)
+from comfyui_concept_erasure.demo_world.vocabulary import COLOURS, OBJECTS, random_caption  # noqa: E402
+from comfyui_concept_erasure.demo_world.classifier import Classifier  # noqa: E402
+from comfyui_concept_erasure.demo_world.text_encoder import TextEncoder  # noqa: E402
+from comfyui_concept_erasure.demo_world.unet import build_unet  # noqa: E402
+from comfyui_concept_erasure.demo_world.world import WORLD_FILE, load_world, save_world  # noqa: E402
 
 DEFAULTS = dict(seed=0, steps=6000, batch=32, lr=1e-3, ema=0.995, classifier_steps=1200, caption_dropout=0.1,
                 high_noise_share=0.5, offset_noise=0.1)
@@ -47,7 +52,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(classifier, rng: random.Random, generator: torch.Generator, steps: int, log) -> float:
-    from .classifier import OBJECT_CLASSES
+    from comfyui_concept_erasure.demo_world.classifier import OBJECT_CLASSES
 
     opt = torch.optim.Adam(classifier.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -141,7 +146,7 @@ def train_diffusion(model, text_encoder, rng, generator, steps, batch, lr, ema_d
 
 def evaluate(world, seed: int, count: int, log) -> dict:
     """Object / colour accuracy of the trained world's samples, for every object and colour."""
-    from .world import read_prompt_samples
+    from comfyui_concept_erasure.demo_world.world import read_prompt_samples
 
     captions = [f"a {c} {o}" for o in OBJECTS for c in COLOURS]
     reads = read_prompt_samples(world, world.model, captions, seed, count)
@@ -159,15 +164,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for key, value in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "world.safetensors")
+    parser.add_argument("--out", type=Path, default=WORLD_FILE)
     parser.add_argument("--threads", type=int, default=host.threads_from_env())
     opts = parser.parse_args(argv)
-    host.setup(opts.threads)
-
-    from .classifier import Classifier
-    from .text_encoder import TextEncoder
-    from .unet import build_unet
-    from .world import load_world, save_world
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     torch.manual_seed(opts.seed)
@@ -182,7 +181,7 @@ def main(argv=None) -> int:
                     opts.offset_noise, log)
     train_seconds = time.time() - started
     settings = {k: getattr(opts, k) for k in DEFAULTS}
-    command = "python benchmarks/quality_world/train.py " + " ".join(
+    command = "python benchmarks/train_demo_world.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if v != DEFAULTS[k])
     metadata = {"command": command.strip(), "settings": settings, "torch": torch.__version__,
                 "train_seconds": round(train_seconds), "classifier_accuracy": classifier_accuracy}

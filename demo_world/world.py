@@ -13,10 +13,10 @@ import comfy.sample
 
 from . import renderer
 from .classifier import Classifier
+from .reading import WORLD_FILE
 from .text_encoder import TextEncoder
 from .unet import build_unet
 
-WORLD_FILE = Path(__file__).resolve().parent / "world.safetensors"
 SAMPLER, SCHEDULER, STEPS, CFG = "euler", "normal", 20, 4.0
 
 
@@ -52,7 +52,7 @@ def _part(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tens
 
 def load_world(path: Path = WORLD_FILE) -> World:
     if not Path(path).exists():
-        raise FileNotFoundError(f"{path} not found; train it with: python benchmarks/quality_world/train.py")
+        raise FileNotFoundError(f"{path} not found; train it with: python benchmarks/train_demo_world.py")
     tensors = load_file(str(path))
     from safetensors import safe_open
 

@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from pack_import import import_pack, widget_defaults  # noqa: E402,F401  (widget_defaults: for the benchmarks)
 
@@ -32,3 +32,10 @@ def setup(threads: int = 1):
 
 def threads_from_env(default: int = 1) -> int:
     return int(os.environ.get("BENCH_THREADS", default))
+
+
+def threads_from_argv(argv, default: int = 1) -> int:
+    """--threads N from a script's command line (read before argparse: threads are set at import)."""
+    if "--threads" in argv[:-1]:
+        return int(argv[argv.index("--threads") + 1])
+    return threads_from_env(default)

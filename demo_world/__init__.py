@@ -1,0 +1,7 @@
+"""The demo world: a synthetic text-to-image world whose concepts we control, for the demo and the benchmarks.
+
+renderer (ground-truth images, the fixed linear 'VAE'), vocabulary (objects, synonyms, colours, captions),
+text_encoder (CONDITIONING), unet (comfy's SD1.5 UNetModel, small), classifier (reads object and colour),
+world (loads world.safetensors and samples from it), comfy_parts (its CLIP and VAE for ComfyUI's own nodes),
+reading (the classifier on images ComfyUI made). benchmarks/train_demo_world.py trains it.
+"""
