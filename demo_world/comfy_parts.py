@@ -24,7 +24,7 @@ class DemoWorldError(ValueError):
 
 
 def words_of(text: str) -> list:
-    """The prompt's words, lower case, with punctuation and the 'embedding:' style syntax removed."""
+    """The prompt's words, lower case, punctuation dropped ('A red Square.' -> ['a', 'red', 'square'])."""
     return re.findall(r"[a-z]+", text.lower())
 
 

@@ -5,11 +5,11 @@ Needs only torch and safetensors (no comfy), so scripts/demo.py can read the sav
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from .classifier import Classifier
 from .renderer import SIZE
@@ -17,12 +17,19 @@ from .renderer import SIZE
 WORLD_FILE = Path(__file__).resolve().parent / "world.safetensors"
 
 
-def load_classifier(path: Path = WORLD_FILE) -> Classifier:
+def part(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """One component's state dict (fp32) out of the world file's tensors ('unet.', 'text.', 'classifier.')."""
+    return {k[len(prefix) + 1:]: v.float() for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def classifier_from(tensors: Dict[str, torch.Tensor]) -> Classifier:
     classifier = Classifier()
-    with safe_open(str(path), "pt") as f:
-        state = {k[len("classifier."):]: f.get_tensor(k).float() for k in f.keys() if k.startswith("classifier.")}
-    classifier.load_state_dict(state)
+    classifier.load_state_dict(part(tensors, "classifier"))
     return classifier.eval()
+
+
+def load_classifier(path: Path = WORLD_FILE) -> Classifier:
+    return classifier_from(load_file(str(path)))
 
 
 def to_world_size(images: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import comfy.sample
 
 from . import renderer
 from .classifier import Classifier
-from .reading import WORLD_FILE
+from .reading import WORLD_FILE, classifier_from, part
 from .text_encoder import TextEncoder
 from .unet import build_unet
 
@@ -46,10 +46,6 @@ def save_world(path: Path, model, text_encoder, classifier, metadata: Dict[str, 
               metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
 
 
-def _part(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    return {k[len(prefix) + 1:]: v.float() for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
 def load_world(path: Path = WORLD_FILE) -> World:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} not found; train it with: python benchmarks/train_demo_world.py")
@@ -59,11 +55,10 @@ def load_world(path: Path = WORLD_FILE) -> World:
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     model = build_unet()
-    model.model.diffusion_model.load_state_dict(_part(tensors, "unet"))
-    text_encoder, classifier = TextEncoder(), Classifier()
-    text_encoder.load_state_dict(_part(tensors, "text"))
-    classifier.load_state_dict(_part(tensors, "classifier"))
-    text_encoder.eval(), classifier.eval()
+    model.model.diffusion_model.load_state_dict(part(tensors, "unet"))
+    text_encoder, classifier = TextEncoder(), classifier_from(tensors)
+    text_encoder.load_state_dict(part(tensors, "text"))
+    text_encoder.eval()
     unet = model.model.diffusion_model
     for p in list(unet.parameters()) + list(text_encoder.parameters()) + list(classifier.parameters()):
         p.requires_grad_(False)

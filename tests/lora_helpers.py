@@ -3,6 +3,7 @@ import torch
 
 from comfyui_concept_erasure.erasure import ConceptErasure, LowRankDelta
 from comfyui_concept_erasure.erasure.unet_names import model_unet_names
+from host_nodes import host_nodes
 from tiny_models import CONTEXT_DIM, extra_conds, predict
 
 ATTN2 = ("attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight")
@@ -55,11 +56,7 @@ def attn2_erasure(family, model, seed=0, prompt_at_inference=False, method="lp")
 
 def host_lora_loader():
     """ComfyUI's own LoraLoaderModelOnly node class (top-level `nodes` upstream, comfy.nodes in the fork)."""
-    try:
-        from comfy.nodes.base_nodes import LoraLoaderModelOnly
-    except ImportError:
-        from nodes import LoraLoaderModelOnly
-    return LoraLoaderModelOnly
+    return host_nodes().LoraLoaderModelOnly
 
 
 def load_with_host(model, lora_name, strength=1.0):

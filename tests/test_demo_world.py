@@ -4,20 +4,14 @@ import random
 import pytest
 import torch
 
+from host_nodes import host_nodes
+
 from comfyui_concept_erasure.demo_world import renderer
 from comfyui_concept_erasure.demo_world.comfy_parts import DemoWorldError
 from comfyui_concept_erasure.demo_world.reading import load_classifier, read_images, read_report_grid
 from comfyui_concept_erasure.demo_world.world import load_world
 from comfyui_concept_erasure.nodes.demo_nodes import LoadDemoWorld
 from comfyui_concept_erasure.report import compare_models
-
-
-def host_nodes():
-    try:
-        from comfy.nodes import base_nodes as nodes  # the PyPI fork
-    except ImportError:
-        import nodes  # upstream ComfyUI (needs PyAV, as upstream's requirements install it)
-    return nodes
 
 
 @pytest.fixture(scope="module")

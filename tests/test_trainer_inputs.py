@@ -9,6 +9,7 @@ from comfyui_concept_erasure.erasure.concept_erasure import PromptPatch
 from comfyui_concept_erasure.trainer import TrainSettings, train_erasure
 from comfyui_concept_erasure.trainer import trajectories
 from comfyui_concept_erasure.trainer.conditioning import pair_weights, read_prompts
+from host_nodes import host_nodes as host_node_classes
 from test_trainer import QUICK, conditioning, hooks_of, state_snapshot
 from tiny_models import build_model
 
@@ -19,13 +20,9 @@ class HostNodes:
 
     def __init__(self):
         try:
-            from comfy.nodes import base_nodes as nodes  # the PyPI fork
+            self.nodes = host_node_classes()
         except ImportError:
-            try:
-                import nodes  # upstream ComfyUI
-            except ImportError:
-                nodes = None
-        self.nodes = nodes
+            self.nodes = None
 
     @staticmethod
     def _set(conditioning, values):
