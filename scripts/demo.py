@@ -101,8 +101,6 @@ def run_demo_world(server, base, options) -> dict:
          f"({inputs['TrainConceptErasure']['iterations']} iterations), then the original and the erased model "
          "side by side")
     entry = server.run(prompt, timeout=3600)
-    erasure = [n for out in entry["outputs"].values() for n in out.get("erasure_files", [])][0]
-    curves = _keep_previews(entry, base, f"concept_erasure/loss_curves_{Path(erasure).stem}")
     grid = output_images(entry, base / "output")[0]
     summary = next(out["text"][0] for out in entry["outputs"].values() if out.get("text"))
 
@@ -111,12 +109,9 @@ def run_demo_world(server, base, options) -> dict:
     lines = ["", "  What the demo world's classifier sees in the grid (same seed; original | erased):"]
     width = max(len(v["prompt"]) for v in verdicts)
     for v in verdicts:
-        v["verdict"] = verdict(v)
-        lines.append(f"    {v['prompt']:<{width}}  {v['before']:>8} | {v['after']:<8}  {v['verdict']}")
+        lines.append(f"    {v['prompt']:<{width}}  {v['before']:>8} | {v['after']:<8}  {verdict(v)}")
     lines += ["", "  " + summary.split("\n\n")[0].replace("\n", "\n  ")]
-    files = [("erasure file", base / "models" / "concept_erasure" / erasure)]
-    files += [("loss curves", path) for path in curves] + [("before | after", grid)]
-    return {"files": files, "lines": lines, "verdicts": verdicts}
+    return {"files": trained_files(entry, base)[1] + [("before | after", grid)], "lines": lines}
 
 
 def verdict(row: dict) -> str:
@@ -154,17 +149,22 @@ def run_checkpoint(server, base, options) -> dict:
         "iterations": iterations, "sampling_steps": 10, "resolution": max(64, options.size // 2 // 8 * 8)})
     step(f"running workflows/train_concept_erasure.json on {options.checkpoint} ({iterations} iterations)")
     entry = server.run(ui_to_api(load_workflow("train_concept_erasure"), info, training), timeout=3600)
-    erasure = [n for out in entry["outputs"].values() for n in out.get("erasure_files", [])][0]
-    curves = _keep_previews(entry, base, f"concept_erasure/loss_curves_{Path(erasure).stem}")
+    erasure, files = trained_files(entry, base)
 
     step("running workflows/compare_before_after.json (original | erased, same prompts and seed)")
     compare = dict(common, LoadConceptErasure={"erasure_name": erasure}, ConceptErasureReport={
         "width": options.size, "height": options.size, "steps": options.steps})
     entry = server.run(ui_to_api(load_workflow("compare_before_after"), info, compare), timeout=3600)
-    files = [("erasure file", base / "models" / "concept_erasure" / erasure)]
-    files += [("loss curves", path) for path in curves]
     files += [("before | after", path) for path in output_images(entry, base / "output")]
     return {"files": files}
+
+
+def trained_files(entry, base):
+    """A finished training prompt's erasure name, and (label, path) of its erasure file, then its loss curves."""
+    erasure = [n for out in entry["outputs"].values() for n in out.get("erasure_files", [])][0]
+    curves = _keep_previews(entry, base, f"concept_erasure/loss_curves_{Path(erasure).stem}")
+    return erasure, [("erasure file", base / "models" / "concept_erasure" / erasure)] + [
+        ("loss curves", path) for path in curves]
 
 
 def _keep_previews(entry, base, prefix):
