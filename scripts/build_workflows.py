@@ -18,7 +18,15 @@ from comfy_server import ComfyServer, prepare_base
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "workflows"
-CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the name core templates use for SD1.5
+CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"  # the SD1.5 file core templates name and offer to download
+# On the checkpoint loaders as core templates have it: the new frontend's missing-models dialog offers the download.
+CHECKPOINT_MODELS = [{"name": CHECKPOINT, "directory": "checkpoints",
+                      "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                             f"{CHECKPOINT}?download=true"}]
+# Upstream's frontend draws a source badge (the pack's name) just above each pack node's title: vertical room
+# left between a node and the title of the node below it (graph units; LiteGraph's title bar is 30).
+BADGE_ROOM = 40
+TITLE_HEIGHT = 30
 ERASURE = "van_gogh_00001_.safetensors"  # what train_concept_erasure.json saves first
 CONCEPT = "a painting in the style of Van Gogh"  # a prompt that asks for the erased concept
 CONCEPT_TEXT = "Van Gogh"  # what the trainer erases
@@ -319,7 +327,18 @@ _BUILD_JS = """(spec) => {
             w.value = value;
         }
         if (s.size) n.size = s.exact ? [...s.size] : [Math.max(s.size[0], n.size[0]), Math.max(s.size[1], n.size[1])];
+        if (s.type === 'CheckpointLoaderSimple') n.properties.models = spec.checkpoint_models;
         byKey[s.key] = n;
+    }
+    // Push nodes down until each title (and the source badge above it) clears the nodes above it.
+    const placed = [];
+    for (const n of Object.values(byKey).sort((a, b) => a.pos[1] - b.pos[1])) {
+        for (const m of placed) {
+            const overlapX = n.pos[0] < m.pos[0] + m.size[0] && m.pos[0] < n.pos[0] + n.size[0];
+            const lowest = m.pos[1] + m.size[1] + spec.title_height + spec.badge_room;
+            if (overlapX && n.pos[1] < lowest) n.pos = [n.pos[0], lowest];
+        }
+        placed.push(n);
     }
     for (const [from, slot, to, input] of spec.links) {
         if (!byKey[from].connect(slot, byKey[to], input)) {
@@ -361,7 +380,8 @@ def build(names=None) -> list:
             for name, spec in WORKFLOWS.items():
                 if names and name not in names:
                     continue
-                workflow = _tidy(page.evaluate(_BUILD_JS, spec))
+                workflow = _tidy(page.evaluate(_BUILD_JS, dict(
+                    spec, checkpoint_models=CHECKPOINT_MODELS, badge_room=BADGE_ROOM, title_height=TITLE_HEIGHT)))
                 path = OUT / f"{name}.json"
                 OUT.mkdir(exist_ok=True)
                 path.write_text(json.dumps(workflow, indent=2) + "\n")

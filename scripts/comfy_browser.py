@@ -1,5 +1,8 @@
 """Drive the ComfyUI web UI in headless Chromium (Debian's /usr/bin/chromium through Playwright).
 
+Works with both UIs the tests meet: the PyPI fork's 2024 UI (floating queue menu, .comfy-modal dialogs) and the
+frontend upstream ComfyUI serves (comfyui-frontend-package: Vue, PrimeVue .p-dialog dialogs, data-testid hooks).
+Both keep the app API used here (window.app, LiteGraph, app.graphToPrompt, app.runningNodeId, app.progress).
 Playwright's own browser download cannot run here, so the system Chromium is launched with a fresh profile
 and no background network traffic.
 """
@@ -15,6 +18,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 VIEWPORT = {"width": 1920, "height": 1080}
 MENU_WIDTH = 240  # the fork's floating queue menu sits at the right edge
+NEW_UI_MARGINS = (64, 80, 0)  # the new frontend's side bar (left) and menu bars (top) lie over the canvas
+# Run button and cancel controls: the new frontend's first (its #queue-button is there but hidden), then the fork's.
+RUN_BUTTONS = ('[data-testid="queue-button"]', "#queue-button")
+CANCEL_CURRENT = 'button[aria-label="Cancel current run"]'  # the new frontend's action bar
+DIALOGS = ".comfy-modal, .p-dialog"
 
 
 @contextmanager
@@ -46,12 +54,33 @@ def open_app(page, url: str, wait_for_node: str = "LoadConceptErasure", timeout_
         arg=wait_for_node, timeout=timeout_ms)
 
 
+def new_frontend(page) -> bool:
+    """True for the frontend upstream serves (comfyui-frontend-package), False for the fork's 2024 UI."""
+    return page.evaluate("() => !!(window.app && window.app.extensionManager && window.app.extensionManager.command)")
+
+
 def dialog_text(page):
-    """Text of the UI's error dialog when it is showing, else None."""
-    return page.evaluate("""() => {
-        const d = document.querySelector('.comfy-modal');
-        return d && getComputedStyle(d).display !== 'none' ? d.innerText : null;
-    }""")
+    """Text of the dialogs the UI is showing (error, missing nodes or models), or None."""
+    return page.evaluate("""(selector) => {
+        const shown = [...document.querySelectorAll(selector)]
+            .filter(d => getComputedStyle(d).display !== 'none' && d.getClientRects().length);
+        return shown.length ? shown.map(d => d.innerText).join(' / ') : null;
+    }""", DIALOGS)
+
+
+def close_dialogs(page) -> None:
+    """Close what dialog_text sees, as a user would (Escape, then the close buttons)."""
+    for _ in range(3):
+        if dialog_text(page) is None:
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(200)
+        page.evaluate("""() => document.querySelectorAll(
+            '.p-dialog-close-button, .p-dialog-header-close, .comfy-modal .comfy-modal-close, .comfy-modal button')
+            .forEach(b => b.getClientRects().length && b.click())""")
+        page.wait_for_timeout(200)
+    if dialog_text(page) is not None:
+        raise AssertionError(f"the UI's dialog does not close: {dialog_text(page)}")
 
 
 def load_workflow(page, workflow: dict) -> list:
@@ -89,13 +118,39 @@ def graph_to_prompt(page) -> dict:
     return page.evaluate("async () => JSON.parse(JSON.stringify((await app.graphToPrompt()).output))")
 
 
+def _click_first_visible(page, selectors) -> None:
+    for selector in selectors:
+        button = page.locator(selector).first
+        if button.count() and button.is_visible():
+            button.click()
+            return
+    raise AssertionError(f"none of {selectors} is visible in the page")
+
+
 def queue_from_page(page) -> None:
-    page.click("#queue-button")
+    """Press the UI's Run (new frontend) / Queue Prompt (fork) button."""
+    _click_first_visible(page, RUN_BUTTONS)
+
+
+def cancel_from_page(page) -> None:
+    """Cancel the running prompt as a user would: the action bar's cancel button in the new frontend, the queue
+    list's Cancel in the fork's menu."""
+    if new_frontend(page):
+        page.locator(CANCEL_CURRENT).first.click()
+        return
+    page.click("#comfy-view-queue-button")
+    page.click(".comfy-list button:text-is('Cancel')")
+    page.click("#comfy-view-queue-button")  # close the queue list again
+
+
+def canvas_area(page) -> tuple:
+    """(left, top, right) margins of the window that the UI's own panels cover over the graph canvas."""
+    return NEW_UI_MARGINS if new_frontend(page) else (0, 0, MENU_WIDTH)
 
 
 def fit_graph(page) -> None:
-    """Zoom and pan so every node and group is visible left of the floating menu."""
-    page.evaluate("""(menuWidth) => {
+    """Zoom and pan so every node and group is visible inside canvas_area."""
+    page.evaluate("""([left, top, right]) => {
         const c = app.canvas, boxes = [];
         for (const n of app.graph._nodes) boxes.push([n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT,
                                                    n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
@@ -106,14 +161,14 @@ def fit_graph(page) -> None:
         const x0 = Math.min(...boxes.map(b => b[0])) - 20, y0 = Math.min(...boxes.map(b => b[1])) - 20;
         const x1 = Math.max(...boxes.map(b => b[2])) + 20, y1 = Math.max(...boxes.map(b => b[3])) + 20;
         const ratio = window.devicePixelRatio || 1;
-        const w = c.canvas.width / ratio - menuWidth, h = c.canvas.height / ratio;
+        const w = c.canvas.width / ratio - left - right, h = c.canvas.height / ratio - top;
         const scale = Math.min(w / (x1 - x0), h / (y1 - y0), 1.2);
         c.ds.scale = scale;
-        c.ds.offset[0] = -x0 + (w / scale - (x1 - x0)) / 2;
-        c.ds.offset[1] = -y0 + (h / scale - (y1 - y0)) / 2;
+        c.ds.offset[0] = -x0 + (w / scale - (x1 - x0)) / 2 + left / scale;
+        c.ds.offset[1] = -y0 + (h / scale - (y1 - y0)) / 2 + top / scale;
         c.setDirty(true, true);
         c.draw(true, true);
-    }""", MENU_WIDTH)
+    }""", list(canvas_area(page)))
 
 
 def screenshot_graph(page, path: str) -> None:

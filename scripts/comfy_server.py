@@ -4,6 +4,7 @@ Used by the end-to-end tests and by demo.sh. Standard library only (the server i
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +22,10 @@ from typing import Optional
 
 PACK_DIR = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui-concept-erasure"
+# A returning user's settings. On a fresh user the new frontend opens its template browser, and frontend 1.27
+# throws at start-up while it registers the canvas navigation settings (it sets two before they exist).
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Canvas.NavigationMode": "legacy",
+                     "Comfy.Canvas.LeftMouseClickBehavior": "panning", "Comfy.Canvas.MouseWheelScroll": "zoom"}
 
 
 class ServerError(RuntimeError):
@@ -36,8 +41,11 @@ def free_port() -> int:
 def prepare_base(base: Path, pack_dir: Path = PACK_DIR) -> Path:
     """A ComfyUI base folder (what --cwd points at) with the pack linked into custom_nodes."""
     base = Path(base)
-    for sub in ("custom_nodes", "models/checkpoints", "models/concept_erasure", "input", "output"):
+    for sub in ("custom_nodes", "models/checkpoints", "models/concept_erasure", "input", "output", "user/default"):
         (base / sub).mkdir(parents=True, exist_ok=True)
+    settings = base / "user" / "default" / "comfy.settings.json"
+    if not settings.exists():
+        settings.write_text(json.dumps(FRONTEND_SETTINGS, indent=2))
     link = base / "custom_nodes" / PACK_NAME
     if link.is_symlink() and link.resolve() != Path(pack_dir).resolve():
         link.unlink()
@@ -50,21 +58,43 @@ def prepare_base(base: Path, pack_dir: Path = PACK_DIR) -> Path:
     return base
 
 
-def _comfyui_command() -> list:
+def upstream_main() -> Optional[Path]:
+    """Upstream ComfyUI's main.py when this Python imports upstream's `comfy` (its source folder on the path),
+    else None: the PyPI fork, whose entry point is comfy.cmd.main."""
+    spec = importlib.util.find_spec("comfy")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("ComfyUI is not importable from this Python (neither the PyPI fork nor upstream's source "
+                          "folder on PYTHONPATH)")
+    main = Path(list(spec.submodule_search_locations)[0]).resolve().parent / "main.py"
+    return main if main.is_file() else None
+
+
+def host_name() -> str:
+    return "upstream" if upstream_main() else "fork"
+
+
+def _server_command(base: Path) -> list:
+    main = upstream_main()
+    if main is not None:
+        # Its database defaults to user/ in the source folder; keep it with the rest of this base.
+        return [sys.executable, str(main), "--base-directory", str(base),
+                "--database-url", f"sqlite:///{Path(base).resolve() / 'user' / 'comfyui.db'}"]
     script = Path(sys.executable).with_name("comfyui")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from comfy.cmd.main import entrypoint; entrypoint()"]
+    entry = [str(script)] if script.exists() else [
+        sys.executable, "-c", "from comfy.cmd.main import entrypoint; entrypoint()"]
+    return entry + ["--cwd", str(base), "--disable-known-models"]
 
 
 class ComfyServer:
-    """`with ComfyServer(base) as server:` starts the fork on 127.0.0.1 and always stops it."""
+    """`with ComfyServer(base) as server:` starts ComfyUI (the host this Python imports, see upstream_main) on
+    127.0.0.1 and always stops it. front_end_root: a web frontend other than the one the host installed."""
 
-    def __init__(self, base: Path, port: Optional[int] = None, threads: int = 1, extra_args=()):
+    def __init__(self, base: Path, port: Optional[int] = None, threads: int = 1, extra_args=(),
+                 front_end_root: Optional[Path] = None):
         self.base = Path(base)
         self.port = port or free_port()
         self.threads = threads
-        self.extra_args = list(extra_args)
+        self.extra_args = list(extra_args) + (["--front-end-root", str(front_end_root)] if front_end_root else [])
         self.log_path = self.base / "server.log"
         self.process: Optional[subprocess.Popen] = None
         self.client_id = uuid.uuid4().hex
@@ -78,9 +108,9 @@ class ComfyServer:
     def start(self, ready_node: str = "CheckpointLoaderSimple", timeout: float = 180) -> "ComfyServer":
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
                    PYTHONUNBUFFERED="1")
-        command = _comfyui_command() + [
-            "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--cwd", str(self.base),
-            "--disable-known-models", "--disable-auto-launch", "--preview-method", "none"] + self.extra_args
+        command = _server_command(self.base) + [
+            "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
+            "--preview-method", "none"] + self.extra_args
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, cwd=self.base, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)

@@ -1,10 +1,13 @@
 """Session fixtures for the end-to-end tests: one ComfyUI base folder, one generated checkpoint, one server.
 
 The checkpoint (UNet + CLIP-L + SD VAE, random fp16 weights, ~0.5 GB) is generated once per session into a
-temporary base folder and deleted with it; the server is the real fork, started with the pack linked into
-BASE/custom_nodes and stopped at the end of the session even when tests fail.
+temporary base folder and deleted with it; the server is the real host this Python imports (the PyPI fork, or
+upstream ComfyUI: scripts/test_upstream.sh), started with the pack linked into BASE/custom_nodes and stopped at the
+end of the session even when tests fail. COMFY_FRONT_END_ROOT serves another web frontend (upstream only:
+scripts/check_newest_frontend.sh).
 """
 import json
+import os
 import shutil
 import struct
 import sys
@@ -43,7 +46,7 @@ def comfy_base():
 
 @pytest.fixture(scope="session")
 def comfy_server(comfy_base):
-    server = ComfyServer(comfy_base)
+    server = ComfyServer(comfy_base, front_end_root=os.environ.get("COMFY_FRONT_END_ROOT") or None)
     server.start(ready_node="LoadConceptErasure")
     try:
         yield server

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from comfy_browser import (chromium_page, dialog_text, graph_to_prompt, load_workflow, open_app, queue_from_page,
-                           screenshot_graph, set_widgets)
+from comfy_browser import (cancel_from_page, chromium_page, close_dialogs, dialog_text, graph_to_prompt,
+                           load_workflow, new_frontend, open_app, queue_from_page, screenshot_graph, set_widgets)
 from comfy_server import output_images, status_summary
-from workflow_cases import NAMES, check_images, load, overrides
+from workflow_cases import NAMES, check_images, load, node_types, overrides
 from workflow_convert import ui_to_api
 
 pytestmark = pytest.mark.skipif(os.environ.get("SKIP_BROWSER_TESTS") == "1", reason="SKIP_BROWSER_TESTS=1")
@@ -46,12 +46,30 @@ def wait_for_new_prompt(server, known, timeout=600):
     raise AssertionError("the page did not queue a prompt" + server.log_tail())
 
 
+def without_meta(prompt):
+    """The prompt without the node titles the new frontend adds as `_meta` (the server only displays them)."""
+    return {key: {k: v for k, v in node.items() if k != "_meta"} for key, node in prompt.items()}
+
+
+def dismiss_missing_models(page, workflow):
+    """The new frontend lists the checkpoint a workflow names (properties.models, as core templates have it) with a
+    download button when the server lacks it, as here; close that dialog as a user would. The fork's UI shows none."""
+    models = [m for n in workflow["nodes"] for m in n.get("properties", {}).get("models", [])]
+    if not models or not new_frontend(page):
+        return
+    text = dialog_text(page) or ""
+    for model in models:
+        assert f"{model['directory']} / {model['name']}" in text and "Download" in text, text
+    close_dialogs(page)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_loads_and_runs_from_the_page(name, page, comfy_server, comfy_base, trained_erasure, exported_lora,
                                                screenshot_dir):
     workflow = load(name)
     missing = load_workflow(page, workflow)
     assert missing == [], f"{name}: node types missing in the UI: {missing}"
+    dismiss_missing_models(page, workflow)
     assert dialog_text(page) is None, f"{name}: the UI showed a dialog on load: {dialog_text(page)}"
     screenshot_graph(page, str(screenshot_dir / f"{name}.png"))  # as a user sees the file after dropping it
 
@@ -60,7 +78,7 @@ def test_workflow_loads_and_runs_from_the_page(name, page, comfy_server, comfy_b
         changes["TrainConceptErasure"]["seed"] = 1
     set_widgets(page, changes)
     # The converter the other tests use gives exactly what the frontend sends.
-    assert graph_to_prompt(page) == ui_to_api(workflow, comfy_server.object_info(), changes)
+    assert without_meta(graph_to_prompt(page)) == ui_to_api(workflow, comfy_server.object_info(), changes)
 
     erasures = comfy_base / "models" / "concept_erasure"
     files_before, known = set(erasures.iterdir()), set(comfy_server.history())
@@ -69,6 +87,13 @@ def test_workflow_loads_and_runs_from_the_page(name, page, comfy_server, comfy_b
     assert entry["status"]["status_str"] == "success", f"{name}: {status_summary(entry)}" + comfy_server.log_tail()
     assert dialog_text(page) is None, f"{name}: the UI showed a dialog: {dialog_text(page)}"
     check_images(output_images(entry, comfy_base / "output"), name)
+    if "ConceptErasureReport" in node_types(workflow):  # web/js/report_summary.js draws it on the node
+        sent = [text for out in entry["outputs"].values() for text in out.get("text", [])]
+        shown = page.wait_for_function("""() => {
+            const shown = app.graph._nodes.filter(n => n.type === 'ConceptErasureReport')
+                .map(n => n.conceptErasureSummary);
+            return shown.every(Boolean) && shown; }""", timeout=10_000).json_value()
+        assert shown == sent and "toward ESD target" in shown[0], (shown, sent)
     if name == "train_concept_erasure":
         assert len(set(erasures.iterdir()) - files_before) == 1
     page.wait_for_timeout(500)  # let the page draw the images it was sent
@@ -78,6 +103,7 @@ def test_workflow_loads_and_runs_from_the_page(name, page, comfy_server, comfy_b
 def test_cancel_from_the_queue_stops_training_and_writes_nothing(page, comfy_server, comfy_base):
     workflow = load("train_concept_erasure")
     assert load_workflow(page, workflow) == []
+    dismiss_missing_models(page, workflow)
     changes = overrides("train_concept_erasure")
     changes["TrainConceptErasure"].update(iterations=100000, seed=2)  # far longer than the test waits
     set_widgets(page, changes)
@@ -89,8 +115,7 @@ def test_cancel_from_the_queue_stops_training_and_writes_nothing(page, comfy_ser
     # Training has started once the page shows the trainer running with progress past its first iteration.
     page.wait_for_function("(id) => app.runningNodeId == id && app.progress && app.progress.value >= 1",
                            arg=trainer_id, timeout=300_000)
-    page.click("#comfy-view-queue-button")
-    page.click(".comfy-list button:text-is('Cancel')")
+    cancel_from_page(page)
     entry = wait_for_new_prompt(comfy_server, known, timeout=120)
 
     assert entry["status"]["status_str"] == "error"
@@ -98,4 +123,3 @@ def test_cancel_from_the_queue_stops_training_and_writes_nothing(page, comfy_ser
     assert interrupted and interrupted[0]["node_type"] == "TrainConceptErasure", entry["status"]["messages"]
     assert set(erasures.iterdir()) == files_before, "a cancelled training run left files behind"
     assert dialog_text(page) is None
-    page.click("#comfy-view-queue-button")  # close the queue list again

@@ -26,7 +26,7 @@ def test_workflow_files_are_ui_format_with_a_description(name):
     ckpt = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
     world = [n for n in workflow["nodes"] if n["type"] == "LoadDemoWorld"]
     assert len(ckpt) + len(world) == 1, f"{name} should load one model"
-    assert not ckpt or ckpt[0]["widgets_values"] == ["v1-5-pruned-emaonly.safetensors"]
+    assert not ckpt or ckpt[0]["widgets_values"] == ["v1-5-pruned-emaonly-fp16.safetensors"]
 
 
 def test_train_workflow_saves_an_erasure_with_metadata_and_a_loss_curve(trained_erasure, comfy_base):
