@@ -51,6 +51,14 @@ def test_workflow_runs_with_the_trained_erasure(name, comfy_server, comfy_base, 
     check_images(output_images(entry, comfy_base / "output"), name)
 
 
+def test_attack_workflow_samples_three_columns_and_reports_the_attack(comfy_server, comfy_base, trained_erasure):
+    entry = run_workflow(comfy_server, "attack_erasure", trained_erasure[0])
+    check_images(output_images(entry, comfy_base / "output"), "attack_erasure")
+    summaries = [text for out in entry["outputs"].values() for text in out.get("text", [])]
+    assert len(summaries) == 1 and summaries[0].startswith("Attack on the erased concept: 8 adversarial tokens, 2 "
+                                                           "iterations")
+
+
 def test_export_workflow_saves_a_lora_and_samples_through_the_core_lora_loader(comfy_server, comfy_base,
                                                                              trained_erasure, exported_lora):
     loras = comfy_base / "models" / "loras" / "concept_erasure"
