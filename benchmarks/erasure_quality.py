@@ -243,6 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument("--attack", action="store_true", help="only the attack rows (see above)")
     parser.add_argument("--attack-iterations", type=int, default=ATTACK["iterations"])
     parser.add_argument("--attack-seeds", default=ATTACK["seeds"], help="comma-separated attack seeds")
+    parser.add_argument("--robust-methods", default="lp,esd_x", help="--attack: methods trained with adversarial_steps")
     opts = parser.parse_args(argv)
     host.setup(opts.threads)
     import torch
@@ -301,9 +302,10 @@ def attack_rows(world, opts, mode, common, started) -> int:
     single = prompt_sets([ERASED])
     single.pop("synonyms")
     rows, records = [], []
-    runs = [("original", None)] + [(m, dict(common, method=m)) for m in opts.methods.split(",") if m] + [
-        (f"{m} + adversarial_steps {ROBUST['adversarial_steps']}", dict(common, method=m, **ROBUST))
-        for m in ("lp", "esd_x")]
+    runs = [] if opts.no_original else [("original", None)]
+    runs += [(m, dict(common, method=m)) for m in opts.methods.split(",") if m]
+    runs += [(f"{m} + adversarial_steps {ROBUST['adversarial_steps']}", dict(common, method=m, **ROBUST))
+             for m in opts.robust_methods.split(",") if m]
     for label, settings in runs:
         model, seconds, used = world.model, None, None
         if settings is not None:

@@ -35,6 +35,17 @@ def required_widgets(node_info: dict) -> int:
     return len(_layout(node_info, dict(node_info["input"].get("required", {}))))
 
 
+def widget_default(node_info: dict, name: Optional[str]):
+    """The value the frontend gives a new widget: its declared default, or a choice list's first entry."""
+    if name is None:
+        return None  # a control value, not sent
+    spec = {**node_info["input"].get("required", {}), **node_info["input"].get("optional", {})}[name]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    return spec[0][0] if isinstance(spec[0], list) else None
+
+
 def _layout(node_info: dict, inputs: dict) -> list:
     layout = []
     for name, spec in inputs.items():
@@ -93,8 +104,8 @@ def ui_to_api(workflow: dict, object_info: Dict[str, dict], overrides: Optional[
         info = object_info[kind]
         layout = widget_layout(info)
         values = list(node.get("widgets_values") or [])
-        if len(values) < len(layout) and len(values) >= required_widgets(info):
-            layout = layout[:len(values)]  # older than the node's optional widgets: the server uses their defaults
+        if required_widgets(info) <= len(values) < len(layout):  # saved before the node's optional widgets existed
+            values += [widget_default(info, name) for name, _ in layout[len(values):]]
         if len(values) != len(layout):
             raise WorkflowError(f"node {node_id} ({kind}) has {len(values)} widget values; the server's "
                                 f"{kind} has {len(layout)} widgets ({[n for n, _ in layout]})")

@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 from comfy_server import output_images
 from workflow_cases import NAMES, check_images, load, node_types, run_workflow
-from workflow_convert import WorkflowError, ui_to_api
+from workflow_convert import WorkflowError, required_widgets, ui_to_api
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,18 @@ def test_converter_refuses_a_missing_node_type(object_info):
     workflow["nodes"][1]["type"] = "NoSuchNode"
     with pytest.raises(WorkflowError, match="NoSuchNode"):
         ui_to_api(workflow, object_info)
+
+
+def test_a_node_saved_before_its_optional_widgets_existed_gets_their_defaults(object_info):
+    """As the frontend loads an old workflow: Train Concept Erasure as saved before adversarial_* (issue 15)."""
+    workflow = load("train_concept_erasure")
+    trainer = next(n for n in workflow["nodes"] if n["type"] == "TrainConceptErasure")
+    trainer["widgets_values"] = trainer["widgets_values"][:required_widgets(object_info["TrainConceptErasure"])]
+    inputs = next(p["inputs"] for p in ui_to_api(workflow, object_info).values()
+                  if p["class_type"] == "TrainConceptErasure")
+    assert inputs["concept_label"] == "Van Gogh"
+    assert {k: v for k, v in inputs.items() if k.startswith("adversarial_")} == {
+        "adversarial_steps": 0, "adversarial_every": 5, "adversarial_tokens": 8, "adversarial_learning_rate": 0.01}
 
 
 def test_converter_refuses_widget_values_that_do_not_fit_the_node(object_info):
