@@ -25,6 +25,14 @@ Extra rows: the default method's erasure with its key attached (Recover Erased C
 means the key brings the concept back), erasing "a square" and "a triangle" together (Conditioning Combine),
 erasing "a square" with "a circle" and "a ring" as the preserve set, and the default method with full deltas
 (rank 0, ESD's setting, the default before rank-32 LoRA factors).
+
+--attack runs only the rows the attack is about (original, lp, lp_attached, esd_x, esd_u, and lp / esd_x with
+robust training, adversarial_steps): each erased model is attacked (Attack Erased Concept's function, the same
+budget for every row, several attack seeds) and the erased object's prompts are sampled again with the adversarial
+tokens (found on "a square") appended to each:
+
+  after attack  share of those samples that still do NOT show the erased object, over the attack seeds
+  attack loss   the attack's own loss (erased vs original prediction) before -> after, mean over the seeds
 """
 from __future__ import annotations
 
@@ -135,6 +143,52 @@ def recover(world, erasure):
         return RecoverErasedConcept().recover(world.model, erasure)[0]
 
 
+ATTACK = dict(iterations=150, seeds="0,1")  # the attack's budget, the same for every row
+ROBUST = dict(adversarial_steps=5)  # robust training; the other adversarial_* inputs at the node's defaults
+
+
+def attacked(world, model, samples: int, seeds, iterations: int) -> dict:
+    """The erased object's prompts sampled by `model` with adversarial tokens appended, one attack per seed."""
+    import torch
+
+    from comfyui_concept_erasure.demo_world.world import sample
+    from comfyui_concept_erasure.trainer import AttackSettings, attack_erasure
+
+    uncond = world.unconditional()
+    captions = [caption for caption, _, _ in prompt_sets([ERASED])["erased"]]
+    hidden = total = 0
+    before, after, seconds = [], [], 0.0
+    for seed in seeds:
+        started = time.time()
+        with torch.inference_mode():
+            result = attack_erasure(model, world.model, world.conditioning(f"a {ERASED}"), uncond,
+                                    AttackSettings(iterations=iterations, seed=seed,
+                                                   resolution=WORLD_SETTINGS["resolution"]))
+        seconds += time.time() - started
+        before.append(result.loss_before)
+        after.append(result.loss_after)
+        for caption in captions:
+            context, options = world.conditioning(caption)[0]
+            tokens = result.tokens.to(context.dtype).unsqueeze(0)
+            objects, _ = world.classifier.read(sample(model, [[torch.cat([context, tokens], 1), options]], uncond,
+                                                      SEED, samples))
+            hidden += sum(o != ERASED for o in objects)
+            total += len(objects)
+    return {"not_shown": hidden / total, "samples": total, "loss_before": sum(before) / len(before),
+            "loss_after": sum(after) / len(after), "attack_seconds": seconds / len(seeds)}
+
+
+def attack_table(rows) -> str:
+    lines = ["| model | erased ↑ | erased after attack ↑ | kept obj ↑ | kept → erased ↓ | attack loss before → after "
+             "| train s |", "|---|---|---|---|---|---|---|"]
+    for label, r, seconds in rows:
+        a = r["attack"]
+        lines.append(f"| {label} | {pct(1 - r['erased']['object'])} | {pct(a['not_shown'])} | "
+                     f"{pct(r['kept']['object'])} | {pct(r['kept']['as_erased'])} | "
+                     f"{a['loss_before']:.3g} → {a['loss_after']:.3g} | {'–' if seconds is None else f'{seconds:.0f}'} |")
+    return "\n".join(lines)
+
+
 def pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -186,6 +240,10 @@ def main(argv=None) -> int:
     parser.add_argument("--world", type=Path, help="a world file other than the committed one")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--threads", type=int, default=host.threads_from_env())
+    parser.add_argument("--attack", action="store_true", help="only the attack rows (see above)")
+    parser.add_argument("--attack-iterations", type=int, default=ATTACK["iterations"])
+    parser.add_argument("--attack-seeds", default=ATTACK["seeds"], help="comma-separated attack seeds")
+    parser.add_argument("--robust-methods", default="lp,esd_x", help="--attack: methods trained with adversarial_steps")
     opts = parser.parse_args(argv)
     host.setup(opts.threads)
     import torch
@@ -209,6 +267,8 @@ def main(argv=None) -> int:
 
     print(f"world: {world.metadata.get('command', '?')}; {mode}; node inputs {dict(WORLD_SETTINGS, **common)}; "
           f"device {world.model.load_device}; torch threads {torch.get_num_threads()}", flush=True)
+    if opts.attack:
+        return attack_rows(world, opts, mode, common, started)
     if not opts.no_original:
         record("original", world.model, None, single, None)
     erasures = {}
@@ -231,6 +291,35 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
     print(f"\n{len(rows)} rows, {mode['samples']} samples per prompt, {total / 60:.1f} min in all")
+    if opts.json:
+        opts.json.write_text(json.dumps({"mode": mode, "common": common, "minutes": total / 60, "rows": records},
+                                        indent=1, default=str))
+    return 0
+
+
+def attack_rows(world, opts, mode, common, started) -> int:
+    seeds = [int(x) for x in opts.attack_seeds.split(",") if x]
+    single = prompt_sets([ERASED])
+    single.pop("synonyms")
+    rows, records = [], []
+    runs = [] if opts.no_original else [("original", None)]
+    runs += [(m, dict(common, method=m)) for m in opts.methods.split(",") if m]
+    runs += [(f"{m} + adversarial_steps {ROBUST['adversarial_steps']}", dict(common, method=m, **ROBUST))
+             for m in opts.robust_methods.split(",") if m]
+    for label, settings in runs:
+        model, seconds, used = world.model, None, None
+        if settings is not None:
+            model, _, seconds, used = train(world, settings, [ERASED])
+        r = measure(world, model, single, mode["samples"], with_scores=False)
+        r["attack"] = attacked(world, model, mode["samples"], seeds, opts.attack_iterations)
+        rows.append((label, r, seconds))
+        records.append({"label": label, "train_seconds": seconds, "settings": used, **r})
+        print(attack_table(rows[-1:]).splitlines()[-1], flush=True)
+    total = time.time() - started
+    print()
+    print(attack_table(rows))
+    print(f"\n{len(rows)} rows, {mode['samples']} samples per prompt, attack {opts.attack_iterations} iterations x "
+          f"seeds {seeds}, {total / 60:.1f} min in all")
     if opts.json:
         opts.json.write_text(json.dumps({"mode": mode, "common": common, "minutes": total / 60, "rows": records},
                                         indent=1, default=str))

@@ -110,20 +110,35 @@ class TrainConceptErasure:
             "optional": {
                 "preserve": ("CONDITIONING", {"tooltip": "Concepts to keep unchanged (Conditioning (Combine) for "
                                                          "several): their predictions are held to the original."}),
+                "adversarial_steps": _int(d.adversarial_steps, 0, 1000,
+                                          "Robust training (0 = off): every adversarial_every iterations, this many "
+                                          "steps of the Attack Erased Concept attack against the model being "
+                                          "trained find tokens that bring the concept back, and the erase term is "
+                                          "applied with them too. Costs time (see the pack's benchmark)."),
+                "adversarial_every": _int(d.adversarial_every, 1, 100000,
+                                          "Iterations between refits of the adversarial tokens (robust training)."),
+                "adversarial_tokens": _int(d.adversarial_tokens, 1, 75,
+                                           "Adversarial tokens appended to the concept (robust training)."),
+                "adversarial_learning_rate": _float(d.adversarial_learning_rate, 1e-6, 10.0, 1e-4,
+                                                    "Adam learning rate of the adversarial tokens (robust training)."),
             },
         }
 
     def train(self, model, concept, unconditional, method, iterations, learning_rate, prompt_learning_rate,
               negative_guidance, prompt_tokens, placement, erase_weight, key_weight, preserve_weight, sampling_steps,
               sampling_cfg, trajectory_refresh, batch_size, resolution, seed, rank, dtype,
-              gradient_checkpointing="auto", concept_label="", preserve=None):
+              gradient_checkpointing="auto", concept_label="", preserve=None,
+              adversarial_steps=_DEFAULTS.adversarial_steps, adversarial_every=_DEFAULTS.adversarial_every, adversarial_tokens=_DEFAULTS.adversarial_tokens,
+              adversarial_learning_rate=_DEFAULTS.adversarial_learning_rate):
         settings = TrainSettings(
             method=method, iterations=iterations, learning_rate=learning_rate,
             prompt_learning_rate=prompt_learning_rate, negative_guidance=negative_guidance,
             prompt_tokens=prompt_tokens, placement=placement, erase_weight=erase_weight, key_weight=key_weight,
             preserve_weight=preserve_weight, sampling_steps=sampling_steps, sampling_cfg=sampling_cfg,
             trajectory_refresh=trajectory_refresh, batch_size=batch_size, resolution=resolution, seed=seed,
-            rank=rank, dtype=dtype, gradient_checkpointing=gradient_checkpointing)
+            rank=rank, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+            adversarial_steps=adversarial_steps, adversarial_every=adversarial_every,
+            adversarial_tokens=adversarial_tokens, adversarial_learning_rate=adversarial_learning_rate)
         result = train_erasure(model, concept, unconditional, preserve, settings, concept_label)
         return (apply_erasure(model, result.erasure), result.erasure, draw_loss_curves(result.losses))
 

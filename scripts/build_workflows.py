@@ -302,6 +302,48 @@ DEMO = dict(
            ("world", 2, "report", "vae"), ("report", 0, "grid", "images")],
 )
 
+ATTACK = dict(
+    title="Attack an erased concept",
+    description="Erased or only hidden? Attack Erased Concept learns a few tokens, appended to the concept's prompt, "
+                "that make the erased model predict what the original does; the same seed through the original, the "
+                "erased model, and the erased model with the adversarial prompt, side by side.",
+    nodes=[
+        note("note", (C0, 0), (
+            "ATTACK AN ERASED CONCEPT\n\n"
+            f"1. Load Checkpoint: the SD1.5 model the erasure was trained on ({CHECKPOINT}).\n"
+            "2. Load Concept Erasure: the erasure to test.\n"
+            "3. Attack Erased Concept learns 8 tokens appended to the concept's prompt so that the erased model "
+            "predicts what the original predicts (200 steps; a GPU helps). Its summary says how much of the gap "
+            "it closed.\n"
+            "4. Left: the original. Middle: the erased model. Right: the erased model with the adversarial prompt. "
+            "If the right image shows the concept again, the erasure hid it rather than removed it: train with "
+            "adversarial_steps on Train Concept Erasure for an erasure that resists this attack."), size=(400, 380)),
+        *loaders(y=430),
+        *prompt_nodes(C1, 0, CONCEPT),
+        node("empty", "CLIPTextEncode", (C1, 630), {"text": ""}, "Empty prompt (unconditional)", size=(400, 200)),
+        node("apply", "ApplyConceptErasure", (C1, 870), {"strength": 1.0}, size=(400, 78)),
+        node("attack", "AttackConceptErasure", (C2, 870), {"seed": SEED, "control_after_generate": "fixed"},
+             size=(330, 0)),
+        sampler("original", (C2, 0), "KSampler (original)"),
+        sampler("erased", (C2 + 360, 0), "KSampler (erased)"),
+        sampler("attacked", (C2 + 720, 0), "KSampler (erased + adversarial prompt)"),
+        *[node(f"decode_{k}", "VAEDecode", (C2 + 360 * i, 480)) for i, k in enumerate(("original", "erased",
+                                                                                        "attacked"))],
+        *[node(f"save_{k}", "SaveImage", (C2 + 360 * i, 560), {"filename_prefix": f"concept_erasure/attack_{k}"},
+               size=(330, 300)) for i, k in enumerate(("original", "erased", "attacked"))],
+    ],
+    links=[("ckpt", 0, "apply", "model"), ("load", 0, "apply", "erasure"), ("ckpt", 1, "positive", "clip"),
+           ("ckpt", 1, "negative", "clip"), ("ckpt", 1, "empty", "clip"),
+           ("apply", 0, "attack", "erased_model"), ("ckpt", 0, "attack", "original_model"),
+           ("positive", 0, "attack", "concept"), ("empty", 0, "attack", "unconditional"),
+           *sampler_links("original", ("ckpt", 0)), *sampler_links("erased", ("apply", 0)),
+           ("apply", 0, "attacked", "model"), ("attack", 0, "attacked", "positive"),
+           ("negative", 0, "attacked", "negative"), ("latent", 0, "attacked", "latent_image"),
+           *[link for k in ("original", "erased", "attacked") for link in (
+               (k, 0, f"decode_{k}", "samples"), ("ckpt", 2, f"decode_{k}", "vae"),
+               (f"decode_{k}", 0, f"save_{k}", "images"))]],
+)
+
 WORKFLOWS = {
     "train_concept_erasure": TRAIN,
     "apply_concept_erasure": APPLY,
@@ -309,6 +351,7 @@ WORKFLOWS = {
     "recover_with_key": RECOVER,
     "export_as_lora": EXPORT,
     "demo_world_erasure": DEMO,
+    "attack_erasure": ATTACK,
 }
 
 _BUILD_JS = """(spec) => {

@@ -3,8 +3,9 @@
 Covers the subset our workflow files use, the way the frontend's app.graphToPrompt() does it: widget values
 are matched to the node's widget inputs in INPUT_TYPES order (required, then optional), seed inputs carry an
 extra unsaved control_after_generate value, links become [node_id, slot], frontend-only nodes (Note,
-Reroute) are dropped, muted nodes are left out. Anything else (bypassed nodes, primitives, widgets turned into
-inputs by forceInput) is refused rather than guessed.
+Reroute) are dropped, muted nodes are left out, a node saved before its optional widgets existed gets their
+defaults. Anything else (bypassed nodes, primitives, widgets turned into inputs by forceInput) is refused rather
+than guessed.
 """
 from __future__ import annotations
 
@@ -25,6 +26,27 @@ def widget_layout(node_info: dict) -> list:
     """[(name or None, serialized)] for each widget value the frontend stores, in order."""
     inputs = dict(node_info["input"].get("required", {}))
     inputs.update(node_info["input"].get("optional", {}))
+    return _layout(node_info, inputs)
+
+
+def required_widgets(node_info: dict) -> int:
+    """How many widget values come from required inputs: a workflow saved before optional widgets were added to a
+    node stores only these (and the frontend gives the new ones their defaults)."""
+    return len(_layout(node_info, dict(node_info["input"].get("required", {}))))
+
+
+def widget_default(node_info: dict, name: Optional[str]):
+    """The value the frontend gives a new widget: its declared default, or a choice list's first entry."""
+    if name is None:
+        return None  # a control value, not sent
+    spec = {**node_info["input"].get("required", {}), **node_info["input"].get("optional", {})}[name]
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    return spec[0][0] if isinstance(spec[0], list) else None
+
+
+def _layout(node_info: dict, inputs: dict) -> list:
     layout = []
     for name, spec in inputs.items():
         kind = spec[0]
@@ -82,6 +104,8 @@ def ui_to_api(workflow: dict, object_info: Dict[str, dict], overrides: Optional[
         info = object_info[kind]
         layout = widget_layout(info)
         values = list(node.get("widgets_values") or [])
+        if required_widgets(info) <= len(values) < len(layout):  # saved before the node's optional widgets existed
+            values += [widget_default(info, name) for name, _ in layout[len(values):]]
         if len(values) != len(layout):
             raise WorkflowError(f"node {node_id} ({kind}) has {len(values)} widget values; the server's "
                                 f"{kind} has {len(layout)} widgets ({[n for n, _ in layout]})")

@@ -223,22 +223,31 @@ def test_nan_loss_stops_with_the_iteration_and_term(sd15):
     assert hooks_of(model) == 0 and all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
 
 
+def interrupt_after(iteration: int, seen: list):
+    """An on_iteration callback that records each iteration and presses cancel after `iteration`."""
+    def on_iteration(n):
+        seen.append(n)
+        if n == iteration:
+            comfy.model_management.interrupt_current_processing(True)
+    return on_iteration
+
+
+def expect_interrupt(run) -> None:
+    """run() must stop with ComfyUI's InterruptProcessingException; the cancel flag is cleared afterwards."""
+    try:
+        with pytest.raises(Exception) as info:
+            run()
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert type(info.value).__name__ == "InterruptProcessingException"
+
+
 def test_interrupt_stops_training_and_leaves_the_model_unchanged(sd15, models_dir):
     model, concept, uncond = sd15
     before = state_snapshot(model)
     seen = []
-
-    def interrupt_at_two(iteration):
-        seen.append(iteration)
-        if iteration == 2:
-            comfy.model_management.interrupt_current_processing(True)
-
-    try:
-        with pytest.raises(Exception) as info:
-            train(model, concept, uncond, method="lp", iterations=50, on_iteration=interrupt_at_two)
-    finally:
-        comfy.model_management.interrupt_current_processing(False)
-    assert type(info.value).__name__ == "InterruptProcessingException"
+    expect_interrupt(lambda: train(model, concept, uncond, method="lp", iterations=50,
+                                   on_iteration=interrupt_after(2, seen)))
     assert seen == [1, 2]
     assert hooks_of(model) == 0 and all(torch.equal(before[k], v) for k, v in model.model.state_dict().items())
     assert not any(p.is_file() for p in models_dir.rglob("*"))

@@ -44,7 +44,10 @@ def test_node_is_registered_with_tooltips_and_its_defaults():
     assert "preserve" in spec["optional"]
     assert len(TrainConceptErasure.OUTPUT_TOOLTIPS) == len(TrainConceptErasure.RETURN_TYPES) == 3
     # every setting the trainer has is a node input, so the file's settings describe the node's run
-    assert {f.name for f in dataclasses.fields(TrainSettings)} <= set(spec["required"])
+    assert {f.name for f in dataclasses.fields(TrainSettings)} <= set(spec["required"]) | set(spec["optional"])
+    # settings added later are optional inputs, so workflows saved before them still load
+    assert {name for name in spec["optional"] if name.startswith("adversarial_")} == {
+        "adversarial_steps", "adversarial_every", "adversarial_tokens", "adversarial_learning_rate"}
 
 
 def test_trained_erasure_saves_loads_and_applies_to_a_fresh_model_identically(models_dir):

@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 from comfy_server import output_images
 from workflow_cases import NAMES, check_images, load, node_types, run_workflow
-from workflow_convert import WorkflowError, ui_to_api
+from workflow_convert import WorkflowError, required_widgets, ui_to_api
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,14 @@ def test_workflow_runs_with_the_trained_erasure(name, comfy_server, comfy_base, 
     check_images(output_images(entry, comfy_base / "output"), name)
 
 
+def test_attack_workflow_samples_three_columns_and_reports_the_attack(comfy_server, comfy_base, trained_erasure):
+    entry = run_workflow(comfy_server, "attack_erasure", trained_erasure[0])
+    check_images(output_images(entry, comfy_base / "output"), "attack_erasure")
+    summaries = [text for out in entry["outputs"].values() for text in out.get("text", [])]
+    assert len(summaries) == 1 and summaries[0].startswith("Attack on the erased concept: 8 adversarial tokens, 2 "
+                                                           "iterations")
+
+
 def test_export_workflow_saves_a_lora_and_samples_through_the_core_lora_loader(comfy_server, comfy_base,
                                                                              trained_erasure, exported_lora):
     loras = comfy_base / "models" / "loras" / "concept_erasure"
@@ -85,6 +93,18 @@ def test_converter_refuses_a_missing_node_type(object_info):
     workflow["nodes"][1]["type"] = "NoSuchNode"
     with pytest.raises(WorkflowError, match="NoSuchNode"):
         ui_to_api(workflow, object_info)
+
+
+def test_a_node_saved_before_its_optional_widgets_existed_gets_their_defaults(object_info):
+    """As the frontend loads an old workflow: Train Concept Erasure as saved before adversarial_* (issue 15)."""
+    workflow = load("train_concept_erasure")
+    trainer = next(n for n in workflow["nodes"] if n["type"] == "TrainConceptErasure")
+    trainer["widgets_values"] = trainer["widgets_values"][:required_widgets(object_info["TrainConceptErasure"])]
+    inputs = next(p["inputs"] for p in ui_to_api(workflow, object_info).values()
+                  if p["class_type"] == "TrainConceptErasure")
+    assert inputs["concept_label"] == "Van Gogh"
+    assert {k: v for k, v in inputs.items() if k.startswith("adversarial_")} == {
+        "adversarial_steps": 0, "adversarial_every": 5, "adversarial_tokens": 8, "adversarial_learning_rate": 0.01}
 
 
 def test_converter_refuses_widget_values_that_do_not_fit_the_node(object_info):

@@ -14,7 +14,7 @@ from workflow_convert import ui_to_api
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 NAMES = ("train_concept_erasure", "apply_concept_erasure", "compare_before_after", "recover_with_key", "export_as_lora",
-         "demo_world_erasure")
+         "demo_world_erasure", "attack_erasure")
 SIZE = 64
 
 FAST = {
@@ -44,6 +44,8 @@ def overrides(name: str, erasure_name: str = None, lora_name: str = None) -> dic
         changes["LoadConceptErasure"] = {"erasure_name": erasure_name}
     if "LoraLoaderModelOnly" in types:
         changes["LoraLoaderModelOnly"] = {"lora_name": lora_name}
+    if "AttackConceptErasure" in types:
+        changes["AttackConceptErasure"] = {"iterations": 2, "sampling_steps": 2, "resolution": SIZE}
     if "ConceptErasureReport" in types:
         changes["ConceptErasureReport"] = {"width": SIZE, "height": SIZE, "steps": 2}
     return {k: v for k, v in changes.items() if k in types}
@@ -60,6 +62,7 @@ EXPECTED_IMAGES = {
     "recover_with_key": [(SIZE, SIZE), (SIZE, SIZE)],
     "export_as_lora": [(SIZE, SIZE)],
     "demo_world_erasure": [DEMO_GRID],
+    "attack_erasure": [(SIZE, SIZE)] * 3,
 }
 
 

@@ -9,16 +9,18 @@ deltas.py         trainable weight deltas (full or LoRA) added by forward hooks
 denoiser.py       teacher / student / student-with-prompt views of one UNet
 checkpointing.py  gradient checkpointing of the UNet's transformers
 trajectories.py   x_t sampled by the student, reused for trajectory_refresh iterations
+attack.py         the attack on an erasure (adversarial tokens appended to the concept), also robust training's
 iteration.py      the trainables, one iteration's loss terms and the optimizer step
 memory_count.py   shape-only models and a live-bytes counter
 memory_plan.py    the run's memory, counted before it starts; load whole or refuse with what would fit
 erasure_loop.py   the loop, producing a ConceptErasure
 loss_plot.py      loss curves as a ComfyUI IMAGE
 """
+from .attack import AttackResult, AttackSettings, attack_erasure
 from .erasure_loop import TrainingError, TrainingResult, train_erasure
 from .loss_plot import draw_loss_curves
 from .memory_plan import MemoryPlan, TrainingMemoryError
 from .settings import CHECKPOINTING, DTYPES, METHODS, TrainSettings
 
-__all__ = ["TrainingError", "TrainingResult", "train_erasure", "draw_loss_curves", "MemoryPlan",
+__all__ = ["AttackResult", "AttackSettings", "attack_erasure", "TrainingError", "TrainingResult", "train_erasure", "draw_loss_curves", "MemoryPlan",
            "TrainingMemoryError", "CHECKPOINTING", "DTYPES", "METHODS", "TrainSettings"]

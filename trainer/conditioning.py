@@ -144,6 +144,13 @@ def pair_weights(prompts: Sequence[Prompt], device, sigma: Optional[torch.Tensor
     return weights.to(device)
 
 
+def weighted_mse(a: torch.Tensor, b: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared error; with per-pair weights (pair_weights), each pair's mean times its weight, averaged."""
+    if weights is None:
+        return torch.nn.functional.mse_loss(a, b)
+    return ((a - b).pow(2).flatten(1).mean(1) * weights).mean()
+
+
 def encode_entries(base_model, conditioning, latent_shape: Sequence[int], device, prompt_type: str,
                    seed: int) -> List[Cond]:
     """One dict of apply_model keyword tensors (batch 1) per conditioning entry (a Prompt or [context, options]),

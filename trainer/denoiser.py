@@ -1,6 +1,7 @@
 """One UNet seen three ways: the frozen teacher, the student (deltas on), the student with the prompt attached."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -14,8 +15,9 @@ from .prediction import model_output
 class Denoiser:
     """Computes in the UNet's own dtype (trainable_model sets it to the compute dtype); outputs are float32."""
 
-    def __init__(self, base_model, transformer_options: dict, device, deltas: DeltaSet, prompt: Optional[PromptPatch],
-                 kind: str):
+    def __init__(self, base_model, transformer_options: dict, device, deltas: Optional[DeltaSet],
+                 prompt: Optional[PromptPatch], kind: str):
+        """deltas None: a model used as it is (the attack's original and erased models), `deltas=` is ignored."""
         self.base = base_model
         self.deltas = deltas
         self.kind = kind
@@ -34,7 +36,7 @@ class Denoiser:
         options = dict(self._prompted if prompt else self._plain)
         options["cond_or_uncond"] = list(cond_or_uncond)
         options["sigmas"] = sigma
-        with self.deltas.switched(deltas):
+        with self.deltas.switched(deltas) if self.deltas is not None else contextlib.nullcontext():
             return self.base.apply_model(x, sigma, transformer_options=options, **cond)
 
     def output(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, *, deltas: bool, prompt: bool,

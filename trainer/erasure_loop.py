@@ -26,7 +26,7 @@ from .memory_plan import MemoryPlan, MemoryPlanner, RunShape, TrainingMemoryErro
 from .model_patches import model_patches
 from .precision import compute_dtype, loss_scaler, weight_dtype
 from .prediction import prediction_kind, sampling_schedule
-from .settings import TrainSettings
+from .settings import TrainSettings, default_resolution
 from .trajectories import sample_trajectories
 
 
@@ -39,10 +39,6 @@ class TrainingResult:
     erasure: ConceptErasure
     losses: Dict[str, List[float]] = field(default_factory=dict)
     memory: Optional[MemoryPlan] = None
-
-
-def default_resolution(context_dim: int) -> int:
-    return 1024 if context_dim == 2048 else 512
 
 
 def concept_names(label: str) -> List[str]:
@@ -192,7 +188,8 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
             terms = loss_terms(denoiser, s, x_t, sigma, uncond_c, [concepts_c[j] for j in picked],
                                [preserve_c[j] for j in kept], backward,
                                pair_weights([concept[j] for j in picked], device),
-                               pair_weights([preserve[j] for j in kept], device, sigma, all_sigmas))
+                               pair_weights([preserve[j] for j in kept], device, sigma, all_sigmas),
+                               parts.adversary, it, check_interrupt)
             optimizer_step(parts, scaler)
             log.add(it + 1, terms)
             progress.update(1)

@@ -6,19 +6,22 @@ Per iteration (x_t, t pairs come from trajectories sampled by the student, see t
   erase:    |eps_theta(x_t, c) - target|^2      without the prompt (lp, esd_*) or with it (lp_attached)
   key:      |eps_theta,P(x_t, c) - ep|^2         lp only: the prompt carries the concept, the weights lose it
   preserve: |eps_theta(x_t, c_p) - eps*(x_t, c_p)|^2   one preserved concept drawn per pair
+  erase_adv (adversarial_steps > 0): |eps_theta(x_t, c + a) - target|^2, where the tokens a are appended to the
+            concept's text and, every adversarial_every iterations, refitted for adversarial_steps steps so that
+            eps_theta(x_t, c + a) = ep (attack.py: the attack, against the current student)
 "eps" is the UNet's own output: eps for eps models, v for v-prediction models (the ESD combination is affine,
 so the same formula holds in either parameterisation).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..erasure.concept_erasure import PromptPatch
-from .conditioning import CondBatch
+from .attack import Adversary
+from .conditioning import CondBatch, weighted_mse
 from .deltas import DeltaSet, target_layers
 from .denoiser import Denoiser
 from .settings import TrainSettings
@@ -26,11 +29,13 @@ from .settings import TrainSettings
 
 @dataclass
 class Trainables:
-    """What the optimizer changes: weight deltas (float32 masters), the prompt tokens, and the optimizer itself."""
+    """What the optimizer changes: weight deltas (float32 masters), the prompt tokens, and the optimizer itself;
+    and the adversary of robust training (its tokens have their own optimizer)."""
 
     deltas: DeltaSet
     prompt: Optional[PromptPatch]
     optimizer: torch.optim.Optimizer
+    adversary: Optional[Adversary] = None
 
     def parameters(self) -> List[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -48,22 +53,18 @@ def build_trainables(unet: torch.nn.Module, s: TrainSettings, context_dim: int, 
                                        * token_scale).to(device))
         prompt = PromptPatch(prompt_k, prompt_v, s.placement)
         groups.append({"params": [prompt_k, prompt_v], "lr": s.prompt_learning_rate})
-    return Trainables(deltas, prompt, torch.optim.Adam(groups, foreach=foreach))
-
-
-def _mse(a: torch.Tensor, b: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean squared error; with per-pair weights, each pair's mean times its weight, averaged over pairs."""
-    if weights is None:
-        return F.mse_loss(a, b)
-    return ((a - b).pow(2).flatten(1).mean(1) * weights).mean()
+    adversary = Adversary(s.adversarial_tokens, s.adversarial_learning_rate, generator) if s.adversarial else None
+    return Trainables(deltas, prompt, torch.optim.Adam(groups, foreach=foreach), adversary)
 
 
 def loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concepts, preserves, backward,
                concept_weights: Optional[torch.Tensor] = None,
-               preserve_weights: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+               preserve_weights: Optional[torch.Tensor] = None, adversary: Optional[Adversary] = None,
+               iteration: int = 0, check_interrupt: Callable[[], None] = lambda: None) -> Dict[str, torch.Tensor]:
     """One iteration's loss terms, back-propagated (concepts / preserves: one cond per pair, or no preserves).
 
     concept_weights / preserve_weights: per pair (the conditioning's strength and range), None = all 1.
+    adversary: robust training's (Trainables.adversary); iteration (0-based) says when its tokens are refitted.
     """
     def run(conds, cond_or_uncond, x, sig, **views):
         return CondBatch(conds, cond_or_uncond).run(
@@ -78,21 +79,37 @@ def loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concept
 
     terms: Dict[str, torch.Tensor] = {}
     erase = s.erase_weight > 0
-    if erase or preserves:  # student without the key prompt (with it for lp_attached): erase [+ preserve]
-        parts = int(erase) + int(bool(preserves))
-        student = run((concepts if erase else []) + preserves, [0] * parts, x_t.repeat(parts, 1, 1, 1),
-                      sigma.repeat(parts), deltas=True, prompt=s.method == "lp_attached").chunk(parts)
+    attached = s.method == "lp_attached"
+    adversarial = []
+    if adversary is not None and erase:
+        if iteration % s.adversarial_every == 0:  # the attack against the current student, warm-started
+            def student_output(x, sig, conds):
+                return run(conds, [0], x, sig, deltas=True, prompt=attached)
+
+            adversary.start(concepts)
+            for _ in range(s.adversarial_steps):
+                check_interrupt()
+                adversary.step(student_output, x_t, sigma, concepts, ep, concept_weights)
+        adversarial = [adversary.append(c, detach=True) for c in concepts]
+    if erase or preserves:  # student without the key prompt (with it for lp_attached): erase [+ adv] [+ preserve]
+        erased = (concepts + adversarial) if erase else []
+        parts = len(erased) // len(concepts) + int(bool(preserves))
+        student = run(erased + preserves, [0] * parts, x_t.repeat(parts, 1, 1, 1),
+                      sigma.repeat(parts), deltas=True, prompt=attached).chunk(parts)
         loss = 0.0
         if erase:
-            terms["erase"] = _mse(student[0], target, concept_weights)
+            terms["erase"] = weighted_mse(student[0], target, concept_weights)
             loss = loss + s.erase_weight * terms["erase"]
+        if adversarial:
+            terms["erase_adv"] = weighted_mse(student[1], target, concept_weights)
+            loss = loss + s.erase_weight * terms["erase_adv"]
         if preserves:
-            terms["preserve"] = _mse(student[-1], kept[0], preserve_weights)
+            terms["preserve"] = weighted_mse(student[-1], kept[0], preserve_weights)
             loss = loss + s.preserve_weight * terms["preserve"]
         backward(loss)
     if s.trains_key:  # student with the key prompt reproduces the original concept
         keyed = run(concepts, [0], x_t, sigma, deltas=True, prompt=True)
-        terms["key"] = _mse(keyed, ep, concept_weights)
+        terms["key"] = weighted_mse(keyed, ep, concept_weights)
         backward(s.key_weight * terms["key"])
     return terms
 

@@ -209,7 +209,8 @@ class MemoryPlanner:
             uncond = fake(run.unconditional)
             with parts.deltas.attached(), checkpointed_transformers(model.diffusion_model, parts.deltas,
                                                                     checkpointing), LiveBytes() as live:
-                loss_terms(denoiser, s, x_t, sigma, uncond, concepts, preserves, lambda loss: loss.backward())
+                loss_terms(denoiser, s, x_t, sigma, uncond, concepts, preserves, lambda loss: loss.backward(),
+                           adversary=parts.adversary)
                 optimizer_step(parts, None)
                 with torch.no_grad():  # a step of trajectory sampling: concept (and uncond for CFG) rows
                     rows = concepts + ([uncond] * s.batch_size if s.sampling_cfg != 1.0 else [])

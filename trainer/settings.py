@@ -38,10 +38,19 @@ class TrainSettings:
     rank: int = 32
     dtype: str = "auto"
     gradient_checkpointing: str = "auto"
+    adversarial_steps: int = 0
+    adversarial_every: int = 5
+    adversarial_tokens: int = 8
+    adversarial_learning_rate: float = 1e-2
 
     @property
     def uses_prompt(self) -> bool:
         return self.method in PROMPT_METHODS
+
+    @property
+    def adversarial(self) -> bool:
+        """Robust training: an inner attack finds tokens that bring the concept back, and the erase term uses them."""
+        return self.adversarial_steps > 0 and self.erase_weight > 0
 
     @property
     def trains_key(self) -> bool:
@@ -65,6 +74,11 @@ class TrainSettings:
         _at_least("batch_size", self.batch_size, 1)
         _at_least("rank", self.rank, 0)
         _at_least("seed", self.seed, 0)
+        _at_least("adversarial_steps", self.adversarial_steps, 0)
+        if self.adversarial_steps:
+            _at_least("adversarial_every", self.adversarial_every, 1)
+            _at_least("adversarial_tokens", self.adversarial_tokens, 1)
+            _positive("adversarial_learning_rate", self.adversarial_learning_rate)
         if self.uses_prompt:
             _at_least("prompt_tokens", self.prompt_tokens, 1)
             _positive("prompt_learning_rate", self.prompt_learning_rate)
@@ -87,6 +101,11 @@ class TrainSettings:
             raise ErasureError("esd_u trains almost every weight of the UNet; full deltas would be as large as the "
                                "model. Set rank > 0 (e.g. 8) to train LoRA factors instead")
         return self
+
+
+def default_resolution(context_dim: int) -> int:
+    """resolution 0: the model's usual image size (SDXL 1024, SD1.x/SD2.x 512)."""
+    return 1024 if context_dim == 2048 else 512
 
 
 def _choice(name, value, choices):
