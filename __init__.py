@@ -7,7 +7,7 @@ ComfyUI imports this package from custom_nodes/ and reads the two mappings and t
 if __package__:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-    # The report's summary drawn on its node after a run (web/js/report_summary.js).
+    # The report's and the attack's summaries drawn on their nodes after a run (web/summaries.js).
     WEB_DIRECTORY = "./web"
 
     __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

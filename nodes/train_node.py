@@ -34,7 +34,8 @@ class TrainConceptErasure:
     OUTPUT_TOOLTIPS = (
         "The input model with the erasure applied (as Apply Concept Erasure would), ready for a KSampler.",
         "The trained erasure: prompt tokens, weight deltas and settings; save it with Save Concept Erasure.",
-        "Loss per term (erase, key, preserve) over the iterations, log scale.",
+        "Loss per term (erase, key, preserve) over the iterations, log scale; and the concept score measured "
+        "every score_every iterations (right axis).",
     )
     FUNCTION = "train"
 
@@ -121,6 +122,15 @@ class TrainConceptErasure:
                                            "Adversarial tokens appended to the concept (robust training)."),
                 "adversarial_learning_rate": _float(d.adversarial_learning_rate, 1e-6, 10.0, 1e-4,
                                                     "Adam learning rate of the adversarial tokens (robust training)."),
+                "score_every": _int(d.score_every, 0, 100000,
+                                    "Iterations between measurements of the concept score (Concept Erasure Report's "
+                                    "'toward ESD target': 0 = unchanged, 0.5 = like the empty prompt, 1 = ESD's "
+                                    "target) on held-out images of the concept; drawn on the loss curves and stored "
+                                    "in the file. 0 = not measured."),
+                "stop_at_score": _float(d.stop_at_score, 0.0, 5.0, 0.01,
+                                        "Train until erased: stop as soon as the measured concept score reaches this "
+                                        "(iterations is then the cap); the file records when and why training "
+                                        "stopped. 0 = always run every iteration."),
             },
         }
 
@@ -128,8 +138,10 @@ class TrainConceptErasure:
               negative_guidance, prompt_tokens, placement, erase_weight, key_weight, preserve_weight, sampling_steps,
               sampling_cfg, trajectory_refresh, batch_size, resolution, seed, rank, dtype,
               gradient_checkpointing="auto", concept_label="", preserve=None,
-              adversarial_steps=_DEFAULTS.adversarial_steps, adversarial_every=_DEFAULTS.adversarial_every, adversarial_tokens=_DEFAULTS.adversarial_tokens,
-              adversarial_learning_rate=_DEFAULTS.adversarial_learning_rate):
+              adversarial_steps=_DEFAULTS.adversarial_steps, adversarial_every=_DEFAULTS.adversarial_every,
+              adversarial_tokens=_DEFAULTS.adversarial_tokens,
+              adversarial_learning_rate=_DEFAULTS.adversarial_learning_rate, score_every=_DEFAULTS.score_every,
+              stop_at_score=_DEFAULTS.stop_at_score):
         settings = TrainSettings(
             method=method, iterations=iterations, learning_rate=learning_rate,
             prompt_learning_rate=prompt_learning_rate, negative_guidance=negative_guidance,
@@ -138,9 +150,11 @@ class TrainConceptErasure:
             trajectory_refresh=trajectory_refresh, batch_size=batch_size, resolution=resolution, seed=seed,
             rank=rank, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
             adversarial_steps=adversarial_steps, adversarial_every=adversarial_every,
-            adversarial_tokens=adversarial_tokens, adversarial_learning_rate=adversarial_learning_rate)
+            adversarial_tokens=adversarial_tokens, adversarial_learning_rate=adversarial_learning_rate,
+            score_every=score_every, stop_at_score=stop_at_score)
         result = train_erasure(model, concept, unconditional, preserve, settings, concept_label)
-        return (apply_erasure(model, result.erasure), result.erasure, draw_loss_curves(result.losses))
+        curves = draw_loss_curves(result.losses, scores=result.scores, stop_at=stop_at_score)
+        return (apply_erasure(model, result.erasure), result.erasure, curves)
 
 
 NODE_CLASS_MAPPINGS = {"TrainConceptErasure": TrainConceptErasure}

@@ -23,6 +23,8 @@ NEW_UI_MARGINS = (64, 80, 0)  # the new frontend's side bar (left) and menu bars
 RUN_BUTTONS = ('[data-testid="queue-button"]', "#queue-button")
 CANCEL_CURRENT = 'button[aria-label="Cancel current run"]'  # the new frontend's action bar
 DIALOGS = ".comfy-modal, .p-dialog"
+# Frontend 1.4x-1.5x: what the workflow lacks (missing models among it) is an error overlay with a details panel.
+ERROR_OVERLAY = '[data-testid="error-overlay"]'
 
 
 @contextmanager
@@ -66,6 +68,18 @@ def dialog_text(page):
             .filter(d => getComputedStyle(d).display !== 'none' && d.getClientRects().length);
         return shown.length ? shown.map(d => d.innerText).join(' / ') : null;
     }""", DIALOGS)
+
+
+def missing_models_notice(page):
+    """Text where the UI names the models a loaded workflow lacks: the Missing Models dialog (frontend 1.27), or the
+    error overlay's details panel (newer frontends), which this opens; None when the UI shows neither."""
+    if page.locator(ERROR_OVERLAY).count() and page.locator(ERROR_OVERLAY).first.is_visible():
+        page.click('[data-testid="error-overlay-see-errors"]')
+        page.wait_for_timeout(500)
+        body = page.evaluate("() => document.body.innerText")
+        start = body.find("Missing Models")
+        return body[start:] if start >= 0 else body
+    return dialog_text(page)
 
 
 def close_dialogs(page) -> None:
@@ -172,6 +186,7 @@ def fit_graph(page) -> None:
 
 
 def screenshot_graph(page, path: str) -> None:
+    page.mouse.move(VIEWPORT["width"] // 2, VIEWPORT["height"] - 10)  # no tooltip of the last button pressed
     fit_graph(page)
     page.wait_for_timeout(300)
     page.screenshot(path=path)

@@ -23,9 +23,11 @@ from typing import Optional
 PACK_DIR = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui-concept-erasure"
 # A returning user's settings. On a fresh user the new frontend opens its template browser, and frontend 1.27
-# throws at start-up while it registers the canvas navigation settings (it sets two before they exist).
+# throws at start-up while it registers the canvas navigation settings (it sets two before they exist). The
+# minimap is closed so that screenshots show the whole graph.
 FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Canvas.NavigationMode": "legacy",
-                     "Comfy.Canvas.LeftMouseClickBehavior": "panning", "Comfy.Canvas.MouseWheelScroll": "zoom"}
+                     "Comfy.Canvas.LeftMouseClickBehavior": "panning", "Comfy.Canvas.MouseWheelScroll": "zoom",
+                     "Comfy.Minimap.Visible": False}
 
 
 class ServerError(RuntimeError):
@@ -85,6 +87,17 @@ def _server_command(base: Path) -> list:
     return entry + ["--cwd", str(base), "--disable-known-models"]
 
 
+def _die_with_parent() -> None:
+    """In the server process (Linux): stop when the process that started it dies, e.g. a test run killed at its
+    timeout, instead of training on in the background."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ComfyServer:
     """`with ComfyServer(base) as server:` starts ComfyUI (the host this Python imports, see upstream_main) on
     127.0.0.1 and always stops it. front_end_root: a web frontend other than the one the host installed."""
@@ -113,7 +126,7 @@ class ComfyServer:
             "--preview-method", "none"] + self.extra_args
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, cwd=self.base, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

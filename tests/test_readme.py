@@ -1,6 +1,5 @@
 """The README's node reference is generated from the nodes themselves, so it cannot drift."""
 import importlib.util
-import sys
 from pathlib import Path
 
 import tomllib

@@ -64,6 +64,7 @@ def test_pyproject_has_what_the_comfy_registry_asks_for():
     assert icon.startswith(urls["Repository"].replace("https://github.com/", "https://raw.githubusercontent.com/"))
     with Image.open(ROOT / icon.split("/main/", 1)[1]) as image:  # the file the URL serves from the main branch
         assert image.format == "PNG" and image.width == image.height and 100 <= image.width <= 400
-    ignored = (ROOT / ".comfyignore").read_text().split()
+    ignored = [line.strip() for line in (ROOT / ".comfyignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
     assert {"tests/", "benchmarks/", "docs/screenshots/"} <= set(ignored)
     assert not any(p.startswith(("workflows", "demo_world", "nodes", "trainer", "erasure")) for p in ignored)

@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 from comfy_server import output_images
 from workflow_cases import NAMES, check_images, load, node_types, run_workflow
-from workflow_convert import WorkflowError, required_widgets, ui_to_api
+from workflow_convert import WorkflowError, required_widgets, ui_to_api, widget_layout
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,12 @@ def test_workflow_files_are_ui_format_with_a_description(name):
     assert not ckpt or ckpt[0]["widgets_values"] == ["v1-5-pruned-emaonly-fp16.safetensors"]
 
 
-def test_train_workflow_saves_an_erasure_with_metadata_and_a_loss_curve(trained_erasure, comfy_base):
+def test_train_workflow_saves_an_erasure_with_metadata_and_a_loss_curve(trained_erasure, comfy_base, object_info):
     name, entry = trained_erasure
     workflow = load("train_concept_erasure")
     trainer = next(n for n in workflow["nodes"] if n["type"] == "TrainConceptErasure")
-    concept = trainer["widgets_values"][-1]  # concept_label, the last widget
+    names = [name for name, _ in widget_layout(object_info["TrainConceptErasure"])]
+    concept = trainer["widgets_values"][names.index("concept_label")]
     with safe_open(str(comfy_base / "models" / "concept_erasure" / name), "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())

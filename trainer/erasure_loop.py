@@ -8,7 +8,7 @@ import datetime
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -20,6 +20,7 @@ from ..erasure.version import PACK_VERSION
 from .checkpointing import checkpointed_transformers
 from .conditioning import Prompt, check_width, conditioning_entries, encode_entries, pair_weights, read_prompts
 from .denoiser import Denoiser
+from .erasure_score import HeldOutScore
 from .host_autograd import trainable_model
 from .iteration import build_trainables, loss_terms, optimizer_step
 from .memory_plan import MemoryPlan, MemoryPlanner, RunShape, TrainingMemoryError, fit
@@ -39,6 +40,7 @@ class TrainingResult:
     erasure: ConceptErasure
     losses: Dict[str, List[float]] = field(default_factory=dict)
     memory: Optional[MemoryPlan] = None
+    scores: List[Tuple[int, float]] = field(default_factory=list)  # (iteration, concept score), erasure_score.py
 
 
 def concept_names(label: str) -> List[str]:
@@ -97,6 +99,11 @@ class _LossLog:
     def add(self, iteration: int, terms: Dict[str, torch.Tensor]) -> None:
         self.pending.append({k: v.detach().float() for k, v in terms.items()})
         if len(self.pending) >= self.sync_every or iteration == self.settings.iterations:
+            self._flush(iteration)
+
+    def finish(self, iteration: int) -> None:
+        """Training stopped early at `iteration`: read back what is pending."""
+        if self.pending:
             self._flush(iteration)
 
     def _flush(self, last_iteration: int) -> None:
@@ -171,9 +178,13 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
     def backward(loss):
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
+    scores: List[Tuple[int, float]] = []
+    stopped = {"iteration": s.iterations, "reason": "iterations"}
     with trainable_model(base, dtype), parts.deltas.attached(), \
             checkpointed_transformers(base.diffusion_model, parts.deltas, plan.checkpointing):
         denoiser = Denoiser(base, options, device, parts.deltas, parts.prompt, kind)
+        scorer = HeldOutScore(denoiser, concepts_c, uncond_c, latent_shape, timesteps, sigmas, all_sigmas,
+                              s.sampling_cfg, s.seed, base.model_sampling, check_interrupt) if s.score_every else None
         pool = None
         for it in range(s.iterations):
             check_interrupt()
@@ -195,6 +206,14 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
             progress.update(1)
             if on_iteration is not None:
                 on_iteration(it + 1)
+            if scorer is not None and ((it + 1) % s.score_every == 0 or it + 1 == s.iterations):
+                scores.append((it + 1, scorer.score(prompt_attached=s.method == "lp_attached")))
+                if s.stop_at_score and scores[-1][1] >= s.stop_at_score and it + 1 < s.iterations:
+                    stopped = {"iteration": it + 1, "reason": f"concept score {scores[-1][1]:.3f} reached "
+                                                              f"stop_at_score {s.stop_at_score:g}"}
+                    log.finish(it + 1)
+                    progress.update(s.iterations - it - 1)
+                    break
 
     prompt = parts.prompt
     erasure = ConceptErasure(
@@ -206,9 +225,10 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
         prompt_at_inference=s.method == "lp_attached",
         concepts=concepts,
         method=s.method,
-        settings=dict(s.to_dict(), compute_dtype=plan.dtype, gradient_checkpointing_used=plan.checkpointing),
+        settings=dict(s.to_dict(), compute_dtype=plan.dtype, gradient_checkpointing_used=plan.checkpointing,
+                      stopped=stopped, concept_scores=[[i, round(v, 4)] for i, v in scores]),
         base_model=type(base.model_config).__name__,
         pack_version=PACK_VERSION,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    return TrainingResult(erasure, log.history, plan)
+    return TrainingResult(erasure, log.history, plan, scores)

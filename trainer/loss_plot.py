@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 COLORS = {"erase": (220, 60, 50), "key": (40, 110, 220), "preserve": (30, 150, 70), "total": (90, 90, 90)}
+SCORE_COLOR = (150, 60, 170)
 _FALLBACK = [(160, 80, 180), (200, 140, 20), (20, 160, 170)]
 
 
@@ -20,12 +21,15 @@ def _smooth(values: List[float], window: int) -> List[float]:
     return np.convolve(padded, kernel, mode="valid").tolist()
 
 
-def draw_loss_curves(losses: Dict[str, List[float]], width: int = 768, height: int = 384) -> torch.Tensor:
-    """One line per term (log10 scale when every value is positive), lightly smoothed, with a legend."""
+def draw_loss_curves(losses: Dict[str, List[float]], width: int = 768, height: int = 384,
+                     scores: Optional[Sequence[Tuple[int, float]]] = None, stop_at: float = 0.0) -> torch.Tensor:
+    """One line per term (log10 scale when every value is positive), lightly smoothed, with a legend; and the
+    concept score measured during training ((iteration, score) pairs, erasure_score.py) on a linear axis at the
+    right, with the stop_at_score line when there is one."""
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    left, right, top, bottom = 64, 16, 28, 36
+    left, right, top, bottom = 64, 56 if scores else 16, 28, 36
     plot_w, plot_h = width - left - right, height - top - bottom
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(0, 0, 0))
     series = {k: [v for v in vals if math.isfinite(v)] for k, vals in losses.items() if vals}
@@ -64,9 +68,33 @@ def draw_loss_curves(losses: Dict[str, List[float]], width: int = 768, height: i
         if log_scale:
             draw.line([(left - 4, y), (left, y)], fill=(0, 0, 0))
         draw.text((4, y - 6), f"1e{tick}" if log_scale else f"{tick:.3g}", fill=(0, 0, 0), font=font)
+    if scores:
+        _draw_scores(draw, font, scores, stop_at, (left, top, plot_w, plot_h), steps, len(smoothed))
     draw.text((left, top + plot_h + 8), "iteration 1", fill=(0, 0, 0), font=font)
     draw.text((left + plot_w - 80, top + plot_h + 8), f"iteration {steps}", fill=(0, 0, 0), font=font)
     return _to_tensor(image)
+
+
+def _draw_scores(draw, font, scores, stop_at, box, steps, legend_index) -> None:
+    left, top, plot_w, plot_h = box
+    values = [v for _, v in scores]
+    low, high = min(0.0, *values), max(1.0, stop_at, *values)
+
+    def point(iteration, v):
+        return (left + ((iteration - 1) / max(1, steps - 1)) * plot_w, top + (1 - (v - low) / (high - low)) * plot_h)
+
+    points = [point(i, v) for i, v in scores]
+    if len(points) > 1:
+        draw.line(points, fill=SCORE_COLOR, width=2)
+    for x, y in points:
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=SCORE_COLOR)
+    if stop_at:
+        y = point(1, stop_at)[1]
+        for x in range(int(left), int(left + plot_w), 12):
+            draw.line([(x, y), (x + 6, y)], fill=SCORE_COLOR)
+    for tick in (high, low) + ((stop_at,) if stop_at else ()):
+        draw.text((left + plot_w + 4, point(1, tick)[1] - 6), f"{tick:.2g}", fill=SCORE_COLOR, font=font)
+    draw.text((left + 8 + 110 * legend_index, 8), f"score {values[-1]:.2f}", fill=SCORE_COLOR, font=font)
 
 
 def decade_ticks(low: int, high: int, most: int = 8) -> List[int]:

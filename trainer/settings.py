@@ -42,6 +42,8 @@ class TrainSettings:
     adversarial_every: int = 5
     adversarial_tokens: int = 8
     adversarial_learning_rate: float = 1e-2
+    score_every: int = 50
+    stop_at_score: float = 0.0
 
     @property
     def uses_prompt(self) -> bool:
@@ -75,6 +77,12 @@ class TrainSettings:
         _at_least("rank", self.rank, 0)
         _at_least("seed", self.seed, 0)
         _at_least("adversarial_steps", self.adversarial_steps, 0)
+        _at_least("score_every", self.score_every, 0)
+        _finite("stop_at_score", self.stop_at_score)
+        if self.stop_at_score < 0:
+            raise ErasureError(f"stop_at_score must be 0 (off) or more, got {self.stop_at_score}")
+        if self.stop_at_score and not self.score_every:
+            raise ErasureError("stop_at_score needs the score measured: set score_every above 0 (e.g. 50)")
         if self.adversarial_steps:
             _at_least("adversarial_every", self.adversarial_every, 1)
             _at_least("adversarial_tokens", self.adversarial_tokens, 1)

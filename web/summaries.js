@@ -1,9 +1,9 @@
-// Concept Erasure Report: after a run, draw the report's summary (its scores per prompt) on the node itself, in the
-// fork's 2024 UI and in upstream's frontend alike. Drawn on the canvas, not kept in a widget, so the workflow file
-// and the prompt the UI sends stay the same.
+// Concept Erasure Report and Attack Erased Concept: after a run, draw the node's summary (the report's scores per
+// prompt, the attack's loss before / after) under the node, in the fork's 2024 UI and in upstream's frontend.
+// Drawn on the canvas, not kept in a widget, so the workflow file and the prompt the UI sends stay the same.
 import { app } from "../../scripts/app.js";
 
-const NODE = "ConceptErasureReport";
+const NODES = ["ConceptErasureReport", "AttackConceptErasure"];
 const FONT = 11;
 const LINE = 14;
 const CHAR = 0.62 * FONT; // monospace advance, close enough for wrapping
@@ -24,32 +24,28 @@ function wrap(text, columns) {
 }
 
 app.registerExtension({
-  name: "concept_erasure.report_summary",
+  name: "concept_erasure.summaries",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== NODE) return;
+    if (!NODES.includes(nodeData.name)) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       this.conceptErasureSummary = (message?.text || []).join("\n");
-      const widest = Math.max(...this.conceptErasureSummary.split("\n").filter(l => /\s{2}/.test(l))
-        .map(l => l.length), 0);
-      const width = Math.max(this.size[0], widest * CHAR + 20);
-      const lines = wrap(this.conceptErasureSummary, Math.floor((width - 20) / CHAR));
-      const top = this.computeSize()[1];
-      this.summaryTop = top;
-      this.setSize([width, Math.max(this.size[1], top + lines.length * LINE + 10)]);
       this.setDirtyCanvas(true, true);
     };
+    // Below the node, as a caption: inside it, a multiline widget (the report's labels) would cover the text.
     const onDrawForeground = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
       onDrawForeground?.apply(this, arguments);
       if (!this.conceptErasureSummary || this.flags?.collapsed) return;
-      const lines = wrap(this.conceptErasureSummary, Math.floor((this.size[0] - 20) / CHAR));
+      const table = this.conceptErasureSummary.split("\n").filter(l => /\s{2}/.test(l));
+      const width = Math.max(this.size[0], ...table.map(l => l.length * CHAR));
+      const lines = wrap(this.conceptErasureSummary, Math.floor(width / CHAR));
       ctx.save();
       ctx.font = `${FONT}px monospace`;
       ctx.fillStyle = "#ddd";
       ctx.textAlign = "left";
-      lines.forEach((line, i) => ctx.fillText(line, 10, this.summaryTop + (i + 1) * LINE));
+      lines.forEach((line, i) => ctx.fillText(line, 0, this.size[1] + 6 + (i + 1) * LINE));
       ctx.restore();
     };
   },

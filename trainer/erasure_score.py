@@ -1,0 +1,65 @@
+"""Train until erased: the Concept Erasure Report's concept score, measured while training.
+
+The score is the report's 'toward ESD target' (report/concept_report.py), on held-out x_t: each concept's own
+sample from the original model (one trajectory per concept, drawn with a generator of its own, so the training
+pairs are the same with or without scoring), noised at the report's levels with held-out noise:
+
+    toward = <eps'(c) - eps(c), target - eps(c)> / |target - eps(c)|^2,  target = eps(u) - eta (eps(c) - eps(u))
+
+eps = (x - denoised) / sigma, as the report computes it, whatever the model predicts; eta is the report's (1), so
+the figure is the one Concept Erasure Report prints: 0 = unchanged, 0.5 = like the empty prompt, 1 = ESD's target.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .conditioning import Cond, CondBatch
+from .denoiser import Denoiser
+from .trajectories import sample_trajectories
+
+ETA = 1.0  # the report's (report/concept_report.py); the trainer's negative_guidance is its own
+LEVELS = (0.2, 0.4, 0.6, 0.8)  # the report's SCORE_LEVELS: where on the schedule (percent_to_sigma)
+
+
+class HeldOutScore:
+    """Samples the held-out points once, with the original model (before the first optimizer step), and keeps the
+    original's predictions there; score() then needs one forward pass of the student per concept and level."""
+
+    def __init__(self, denoiser: Denoiser, concepts: Sequence[Cond], unconditional: Cond, latent_shape, timesteps,
+                 sigmas, all_sigmas, cfg: float, seed: int, model_sampling, check_interrupt: Callable[[], None]):
+        generator = torch.Generator().manual_seed((seed + 1) % (1 << 64))
+        self.denoiser = denoiser
+        self.sigmas = [float(model_sampling.percent_to_sigma(p)) for p in LEVELS]
+        self.points = []  # per concept and level: cond, x [1, C, H, W], sigma [1], eps(c) of the original, to_target
+        with torch.no_grad():  # one concept at a time: no larger batch than a training iteration's
+            for j, concept in enumerate(concepts):
+                pool = sample_trajectories(denoiser, concepts, unconditional, [j], latent_shape, timesteps, sigmas,
+                                           all_sigmas, cfg, generator, prompt=False, check_interrupt=check_interrupt)
+                x0 = pool.xs[-1]  # the concept's sample
+                for sigma in self.sigmas:
+                    x = x0 + torch.randn(x0.shape, generator=generator).to(x0.device) * sigma
+                    sig = torch.full((1,), sigma, device=x.device)
+                    eps_c = self._eps(x, sig, concept, deltas=False)
+                    eps_u = self._eps(x, sig, unconditional, deltas=False, uncond=True)
+                    self.points.append((j, concept, x, sig, eps_c, (1 + ETA) * (eps_u - eps_c)))
+        self.count = len(concepts)
+
+    def _eps(self, x, sigma, cond: Cond, *, deltas: bool, prompt: bool = False, uncond: bool = False) -> torch.Tensor:
+        def forward(xs, ss, c, cond_or_uncond):
+            return self.denoiser.denoised(xs, ss, c, deltas=deltas, prompt=prompt, cond_or_uncond=cond_or_uncond)
+
+        denoised = CondBatch([cond], [1 if uncond else 0]).run(forward, x, sigma).float()
+        return (x.float() - denoised) / sigma.float().view(-1, 1, 1, 1)
+
+    def score(self, prompt_attached: bool = False) -> float:
+        """The concepts' mean score for the student as it is now (prompt_attached: lp_attached's inference)."""
+        moved = [0.0] * self.count
+        total = [0.0] * self.count
+        with torch.no_grad():
+            for j, concept, x, sig, eps_c, to_target in self.points:
+                eps_e = self._eps(x, sig, concept, deltas=True, prompt=prompt_attached)
+                moved[j] += float(((eps_e - eps_c) * to_target).sum())
+                total[j] += float((to_target ** 2).sum())
+        return sum(m / max(t, 1e-12) for m, t in zip(moved, total)) / self.count
