@@ -66,3 +66,12 @@ def loras_dir(models_dir, monkeypatch):
 # Session fixtures of the end-to-end tests: the generated checkpoint and the real server.
 from server_fixtures import (comfy_base, comfy_server, exported_lora, made_erasure, trained_erasure,  # noqa: E402,F401
                              weights_erasure)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_off_sys_path():
+    """pytest puts a checkout whose folder name is not an identifier (e.g. ci-check) on sys.path when it sets up the
+    checkout's __init__.py as a package; the pack's nodes/ would then shadow upstream ComfyUI's top-level `nodes`
+    module. The pack is imported by path (pack_import.py), as ComfyUI does, so the checkout is not needed there."""
+    sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != ROOT]
+
