@@ -41,7 +41,8 @@ def free_port() -> int:
 
 
 def prepare_base(base: Path, pack_dir: Path = PACK_DIR) -> Path:
-    """A ComfyUI base folder (what --cwd points at) with the pack linked into custom_nodes."""
+    """A ComfyUI base folder (the fork's --cwd, upstream's --base-directory) with the pack linked into
+    custom_nodes."""
     base = Path(base)
     for sub in ("custom_nodes", "models/checkpoints", "models/concept_erasure", "input", "output", "user/default"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -69,10 +70,6 @@ def upstream_main() -> Optional[Path]:
                           "folder on PYTHONPATH)")
     main = Path(list(spec.submodule_search_locations)[0]).resolve().parent / "main.py"
     return main if main.is_file() else None
-
-
-def host_name() -> str:
-    return "upstream" if upstream_main() else "fork"
 
 
 def _server_command(base: Path) -> list:

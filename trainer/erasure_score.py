@@ -18,9 +18,7 @@ import torch
 from .conditioning import Cond, CondBatch
 from .denoiser import Denoiser
 from .trajectories import sample_trajectories
-
-ETA = 1.0  # the report's (report/concept_report.py); the trainer's negative_guidance is its own
-LEVELS = (0.2, 0.4, 0.6, 0.8)  # the report's SCORE_LEVELS: where on the schedule (percent_to_sigma)
+from ..report.concept_report import ETA, SCORE_LEVELS as LEVELS  # the report's; negative_guidance is the trainer's
 
 
 class HeldOutScore:
@@ -31,20 +29,22 @@ class HeldOutScore:
                  sigmas, all_sigmas, cfg: float, seed: int, model_sampling, check_interrupt: Callable[[], None]):
         generator = torch.Generator().manual_seed((seed + 1) % (1 << 64))
         self.denoiser = denoiser
-        self.sigmas = [float(model_sampling.percent_to_sigma(p)) for p in LEVELS]
+        levels = [float(model_sampling.percent_to_sigma(p)) for p in LEVELS]
         self.points = []  # per concept and level: cond, x [1, C, H, W], sigma [1], eps(c) of the original, to_target
         with torch.no_grad():  # one concept at a time: no larger batch than a training iteration's
             for j, concept in enumerate(concepts):
                 pool = sample_trajectories(denoiser, concepts, unconditional, [j], latent_shape, timesteps, sigmas,
                                            all_sigmas, cfg, generator, prompt=False, check_interrupt=check_interrupt)
                 x0 = pool.xs[-1]  # the concept's sample
-                for sigma in self.sigmas:
+                for sigma in levels:
                     x = x0 + torch.randn(x0.shape, generator=generator).to(x0.device) * sigma
                     sig = torch.full((1,), sigma, device=x.device)
                     eps_c = self._eps(x, sig, concept, deltas=False)
                     eps_u = self._eps(x, sig, unconditional, deltas=False, uncond=True)
                     self.points.append((j, concept, x, sig, eps_c, (1 + ETA) * (eps_u - eps_c)))
-        self.count = len(concepts)
+        self.totals = [0.0] * len(concepts)  # |target - eps(c)|^2 of each concept, summed over its levels
+        for j, *_, to_target in self.points:
+            self.totals[j] += float((to_target ** 2).sum())
 
     def _eps(self, x, sigma, cond: Cond, *, deltas: bool, prompt: bool = False, uncond: bool = False) -> torch.Tensor:
         def forward(xs, ss, c, cond_or_uncond):
@@ -55,11 +55,9 @@ class HeldOutScore:
 
     def score(self, prompt_attached: bool = False) -> float:
         """The concepts' mean score for the student as it is now (prompt_attached: lp_attached's inference)."""
-        moved = [0.0] * self.count
-        total = [0.0] * self.count
+        moved = [0.0] * len(self.totals)
         with torch.no_grad():
             for j, concept, x, sig, eps_c, to_target in self.points:
                 eps_e = self._eps(x, sig, concept, deltas=True, prompt=prompt_attached)
                 moved[j] += float(((eps_e - eps_c) * to_target).sum())
-                total[j] += float((to_target ** 2).sum())
-        return sum(m / max(t, 1e-12) for m, t in zip(moved, total)) / self.count
+        return sum(m / max(t, 1e-12) for m, t in zip(moved, self.totals)) / len(self.totals)
