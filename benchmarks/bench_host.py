@@ -30,6 +30,13 @@ def setup(threads: int = 1):
     return import_pack()
 
 
+def world_file(name: str) -> Path:
+    """A synthetic world's file by its name in demo_world/spec.py: the demo's, or one of the benchmark's."""
+    if name == "demo":
+        return REPO / "demo_world" / "world.safetensors"
+    return REPO / "benchmarks" / "worlds" / f"{name}.safetensors"
+
+
 def threads_from_env(default: int = 1) -> int:
     return int(os.environ.get("BENCH_THREADS", default))
 

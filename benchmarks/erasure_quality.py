@@ -52,12 +52,12 @@ SEED = 1000
 FULL = dict(iterations=1000, samples=24)  # 1000: the node's default
 QUICK = dict(iterations=150, samples=8)
 # Settings that differ from the node's widget defaults, and why:
-#   resolution 128: the world's latents are 16x16 (128 px in SD's 8x VAE terms);
+#   resolution: the world's (128 for 16x16 latents, in SD's 8x VAE terms; set from the world in train());
 #   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet; on this 1.6M-parameter UNet
 #   it changes nothing (0% erased at 150 iterations), 1e-4 erases ~90%, 3e-4 ~95-100%, 1e-3 starts to hurt
 #   (sweep on the first world with full deltas, see RESULTS.md). The default rank-32 factors erase as well as
 #   full deltas at this same rate (rank sweep in RESULTS.md).
-WORLD_SETTINGS = dict(resolution=128, learning_rate=3e-4)
+WORLD_SETTINGS = dict(learning_rate=3e-4)
 FULL_DELTAS = dict(rank=0)
 
 
@@ -81,15 +81,16 @@ def prompt_sets(erased_objects):
 _FIRST_SAMPLE = {}  # caption -> the original model's first sample (LATENT), for the report score
 
 
-def measure(world, model, sets, samples: int, with_scores: bool) -> dict:
-    """Classifier rates (and report scores) for one model on the prompt sets; same seed for every prompt."""
+def measure(world, model, sets, samples: int, with_scores: bool, erased_colour: str = None) -> dict:
+    """Classifier rates (and report scores) for one model on the prompt sets; same seed for every prompt.
+    With `erased_colour` the erased concept is that colour (an attribute) rather than the erased prompts' objects."""
     from comfyui_concept_erasure.demo_world.renderer import encode
     from comfyui_concept_erasure.demo_world.world import CFG, STEPS, read_prompt_samples, sample
 
     from comfyui_concept_erasure.report.concept_report import concept_scores
 
     uncond = world.unconditional()
-    erased_objects = {obj for _, _, obj in sets["erased"]}
+    erased_objects = set() if erased_colour else {obj for _, _, obj in sets["erased"]}
     result, scores = {}, {}
     for name, prompts in sets.items():
         hits = colour_hits = total = as_erased = 0
@@ -97,13 +98,14 @@ def measure(world, model, sets, samples: int, with_scores: bool) -> dict:
         reads = read_prompt_samples(world, model, [caption for caption, _, _ in prompts], SEED, samples)
         for (caption, colour, obj), (objects, colours) in zip(prompts, reads):
             hits += sum(o == obj for o in objects)
-            as_erased += sum(o in erased_objects for o in objects)
+            as_erased += sum(o in erased_objects or c == erased_colour for o, c in zip(objects, colours))
             colour_hits += sum(c == colour for c in colours) if colour else 0
             total += len(objects)
             if with_scores and model is not world.model:
                 cond = world.conditioning(caption)
                 if caption not in _FIRST_SAMPLE:
-                    _FIRST_SAMPLE[caption] = encode(sample(world.model, cond, uncond, SEED, 1, STEPS, CFG))
+                    _FIRST_SAMPLE[caption] = encode(sample(world.model, cond, uncond, SEED, 1, STEPS, CFG,
+                                                           world.spec.size))
                 first = _FIRST_SAMPLE[caption]
                 toward.append(concept_scores(world.model, model, [cond], uncond, [first], [caption], SEED)[0].toward)
         coloured = sum(samples for _, c, _ in prompts if c)
@@ -115,6 +117,13 @@ def measure(world, model, sets, samples: int, with_scores: bool) -> dict:
     return result
 
 
+def concept_caption(concept: str) -> str:
+    """The prompt an erasure is trained on: "a square" for an object, "red" for a colour."""
+    from comfyui_concept_erasure.demo_world.vocabulary import COLOURS
+
+    return concept if concept in COLOURS else f"a {concept}"
+
+
 def train(world, settings: dict, concepts, preserve=None):
     """Train Concept Erasure's own function, under inference mode as ComfyUI runs nodes.
     Returns (erased MODEL, erasure, seconds, the node's inputs)."""
@@ -122,9 +131,9 @@ def train(world, settings: dict, concepts, preserve=None):
 
     from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
 
-    kwargs = dict(host.widget_defaults(TrainConceptErasure), **WORLD_SETTINGS)
+    kwargs = dict(host.widget_defaults(TrainConceptErasure), **WORLD_SETTINGS, resolution=world.resolution)
     kwargs.update(settings, concept_label="\n".join(concepts))
-    concept = combine(*(world.conditioning(f"a {o}") for o in concepts))
+    concept = combine(*(world.conditioning(concept_caption(c)) for c in concepts))
     if preserve:
         kwargs["preserve"] = combine(*(world.conditioning(f"a {o}") for o in preserve))
     started = time.time()
@@ -163,7 +172,7 @@ def attacked(world, model, samples: int, seeds, iterations: int) -> dict:
         with torch.inference_mode():
             result = attack_erasure(model, world.model, world.conditioning(f"a {ERASED}"), uncond,
                                     AttackSettings(iterations=iterations, seed=seed,
-                                                   resolution=WORLD_SETTINGS["resolution"]))
+                                                   resolution=world.resolution))
         seconds += time.time() - started
         before.append(result.loss_before)
         after.append(result.loss_after)
@@ -171,7 +180,7 @@ def attacked(world, model, samples: int, seeds, iterations: int) -> dict:
             context, options = world.conditioning(caption)[0]
             tokens = result.tokens.to(context.dtype).unsqueeze(0)
             objects, _ = world.classifier.read(sample(model, [[torch.cat([context, tokens], 1), options]], uncond,
-                                                      SEED, samples))
+                                                      SEED, samples, size=world.spec.size))
             hidden += sum(o != ERASED for o in objects)
             total += len(objects)
     return {"not_shown": hidden / total, "samples": total, "loss_before": sum(before) / len(before),
@@ -265,7 +274,8 @@ def main(argv=None) -> int:
         records.append({"label": label, "train_seconds": seconds, "settings": settings, **r})
         print(table(rows[-1:]).splitlines()[-1], flush=True)
 
-    print(f"world: {world.metadata.get('command', '?')}; {mode}; node inputs {dict(WORLD_SETTINGS, **common)}; "
+    print(f"world: {world.metadata.get('command', '?')}; {mode}; "
+          f"node inputs {dict(WORLD_SETTINGS, resolution=world.resolution, **common)}; "
           f"device {world.model.load_device}; torch threads {torch.get_num_threads()}", flush=True)
     if opts.attack:
         return attack_rows(world, opts, mode, common, started)

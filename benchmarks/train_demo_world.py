@@ -1,6 +1,11 @@
 """Train the world (classifier, then text encoder + UNet) and write world.safetensors (fp16, 3.2 MB).
 
     .venv/bin/python benchmarks/train_demo_world.py     # the committed demo_world/world.safetensors: seed 0, defaults below
+    .venv/bin/python benchmarks/train_demo_world.py --world deep --steps 5000    # benchmarks/worlds/deep.safetensors
+    .venv/bin/python benchmarks/train_demo_world.py --world large --steps 3000   # benchmarks/worlds/large.safetensors
+
+The worlds differ in latent size, UNet shape and text-encoder depth (demo_world/spec.py); each trains its own
+classifier on its own renders.
 
 Seeded and single-threaded by default, so the same command on the same torch gives the same file.
 The UNet learns the standard eps objective (unweighted MSE on the noise) on comfy's SD1.5 discrete schedule
@@ -33,7 +38,8 @@ from comfyui_concept_erasure.demo_world.vocabulary import COLOURS, OBJECTS, rand
 from comfyui_concept_erasure.demo_world.classifier import Classifier  # noqa: E402
 from comfyui_concept_erasure.demo_world.text_encoder import TextEncoder  # noqa: E402
 from comfyui_concept_erasure.demo_world.unet import build_unet  # noqa: E402
-from comfyui_concept_erasure.demo_world.world import WORLD_FILE, load_world, save_world  # noqa: E402
+from comfyui_concept_erasure.demo_world.spec import WORLDS  # noqa: E402
+from comfyui_concept_erasure.demo_world.world import load_world, save_world  # noqa: E402
 
 DEFAULTS = dict(seed=0, steps=6000, batch=32, lr=1e-3, ema=0.995, classifier_steps=1200, caption_dropout=0.1,
                 high_noise_share=0.5, offset_noise=0.1)
@@ -51,7 +57,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (images * gain + noise).clamp(0, 1)
 
 
-def train_classifier(classifier, rng: random.Random, generator: torch.Generator, steps: int, log) -> float:
+def train_classifier(classifier, rng: random.Random, generator: torch.Generator, steps: int, log,
+                     size: int) -> float:
     from comfyui_concept_erasure.demo_world.classifier import OBJECT_CLASSES
 
     opt = torch.optim.Adam(classifier.parameters(), lr=2e-3)
@@ -59,7 +66,7 @@ def train_classifier(classifier, rng: random.Random, generator: torch.Generator,
     classifier.train()
     for step in range(steps):
         labels = random_labels(rng, 112)
-        images = torch.cat([render_batch(rng, labels), render_empty(rng, 16)])
+        images = torch.cat([render_batch(rng, labels, size), render_empty(rng, 16, size)])
         obj = torch.tensor([OBJECT_CLASSES.index(o) for o, _ in labels] + [len(OBJECTS)] * 16)
         colour = torch.tensor([COLOURS.index(c) for _, c in labels])
         obj_logits, colour_logits = classifier(augment(images, generator))
@@ -72,7 +79,7 @@ def train_classifier(classifier, rng: random.Random, generator: torch.Generator,
             log(f"classifier step {step}: loss {loss.item():.4f}")
     classifier.eval()
     labels = random_labels(rng, 500)
-    objs, colours = classifier.read(render_batch(rng, labels))
+    objs, colours = classifier.read(render_batch(rng, labels, size))
     return sum(o == lo and c == lc for (lo, lc), o, c in zip(labels, objs, colours)) / len(labels)
 
 
@@ -104,7 +111,7 @@ def draw_timesteps(batch: int, high_noise_share: float, generator: torch.Generat
 
 
 def train_diffusion(model, text_encoder, rng, generator, steps, batch, lr, ema_decay, dropout, high_noise_share,
-                    offset_noise, log):
+                    offset_noise, log, size):
     unet = model.model.diffusion_model
     sampling = model.get_model_object("model_sampling")
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -118,7 +125,7 @@ def train_diffusion(model, text_encoder, rng, generator, steps, batch, lr, ema_d
     with CloneNormInputs(unet):
         for step in range(steps):
             labels = random_labels(rng, batch)
-            x0 = images_to_model_latent(render_batch(rng, labels))
+            x0 = images_to_model_latent(render_batch(rng, labels, size))
             captions = ["" if rng.random() < dropout else random_caption(rng, o, c) for o, c in labels]
             context = text_encoder.encode(captions)
             t = draw_timesteps(batch, high_noise_share, generator)
@@ -164,32 +171,38 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for key, value in DEFAULTS.items():
         parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
-    parser.add_argument("--out", type=Path, default=WORLD_FILE)
+    parser.add_argument("--world", choices=sorted(WORLDS), default="demo", help="which world's shape (spec.py)")
+    parser.add_argument("--out", type=Path, help="default: the world's file (demo_world/ or benchmarks/worlds/)")
     parser.add_argument("--threads", type=int, default=host.threads_from_env())
     opts = parser.parse_args(argv)
+    spec = WORLDS[opts.world]
+    opts.out = opts.out or host.world_file(opts.world)
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     torch.manual_seed(opts.seed)
     rng, generator = random.Random(opts.seed), torch.Generator().manual_seed(opts.seed)
     started = time.time()
     classifier = Classifier()
-    classifier_accuracy = train_classifier(classifier, rng, generator, opts.classifier_steps, log)
+    classifier_accuracy = train_classifier(classifier, rng, generator, opts.classifier_steps, log, spec.size)
     log(f"classifier accuracy on fresh renders: {classifier_accuracy:.3f} ({time.time() - started:.0f} s)")
-    model, text_encoder = build_unet(opts.seed), TextEncoder()
+    model, text_encoder = build_unet(opts.seed, spec), TextEncoder(layers=spec.text_layers)
     train_diffusion(model, text_encoder, rng, generator, opts.steps, opts.batch, opts.lr, opts.ema,
                     opts.caption_dropout, opts.high_noise_share,
-                    opts.offset_noise, log)
+                    opts.offset_noise, log, spec.size)
     train_seconds = time.time() - started
     settings = {k: getattr(opts, k) for k in DEFAULTS}
-    command = "python benchmarks/train_demo_world.py " + " ".join(
+    world_arg = "" if opts.world == "demo" else f"--world {opts.world} "
+    command = "python benchmarks/train_demo_world.py " + world_arg + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if v != DEFAULTS[k])
     metadata = {"command": command.strip(), "settings": settings, "torch": torch.__version__,
                 "train_seconds": round(train_seconds), "classifier_accuracy": classifier_accuracy}
-    save_world(opts.out, model, text_encoder, classifier, metadata)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    save_world(opts.out, model, text_encoder, classifier, metadata, spec)
     world = load_world(opts.out)  # evaluate what was saved (fp16 weights)
     accuracy = evaluate(world, seed=1234, count=16, log=log)
     log(f"sample accuracy: {accuracy}")
-    save_world(opts.out, world.model, world.text_encoder, world.classifier, dict(metadata, sample_accuracy=accuracy))
+    save_world(opts.out, world.model, world.text_encoder, world.classifier, dict(metadata, sample_accuracy=accuracy),
+               spec)
     log(f"wrote {opts.out} ({opts.out.stat().st_size / 1e6:.1f} MB) in {time.time() - started:.0f} s")
     return 0
 

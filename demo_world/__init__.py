@@ -3,5 +3,6 @@
 renderer (ground-truth images, the fixed linear 'VAE'), vocabulary (objects, synonyms, colours, captions),
 text_encoder (CONDITIONING), unet (comfy's SD1.5 UNetModel, small), classifier (reads object and colour),
 world (loads world.safetensors and samples from it), comfy_parts (its CLIP and VAE for ComfyUI's own nodes),
-reading (the classifier on images ComfyUI made). benchmarks/train_demo_world.py trains it.
+reading (the classifier on images ComfyUI made), spec (the shapes of the demo world and of the benchmark's other
+worlds, benchmarks/worlds/). benchmarks/train_demo_world.py trains them.
 """

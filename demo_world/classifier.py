@@ -1,12 +1,18 @@
-"""Reads the object (or 'none') and the colour from a 16x16 image; trained on the renderer's ground truth."""
+"""Reads the object (or 'none') and the colour from an image; trained on the renderer's ground truth.
+
+Images larger than 16x16 (a 32x32 world's) are read at 16x16 (block means), so every world's classifier has the
+same shape; each world trains its own on its own renders.
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .vocabulary import COLOURS, OBJECTS
 
 OBJECT_CLASSES = OBJECTS + ("none",)
+READ_SIZE = 16
 
 
 class Classifier(nn.Module):
@@ -22,7 +28,10 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor):
         """images [B, H, W, 3] in [0, 1] -> (object logits, colour logits)."""
-        h = self.features(images.permute(0, 3, 1, 2) * 2 - 1)
+        x = images.permute(0, 3, 1, 2)
+        if x.shape[-1] != READ_SIZE or x.shape[-2] != READ_SIZE:
+            x = F.adaptive_avg_pool2d(x, READ_SIZE)
+        h = self.features(x * 2 - 1)
         return self.object_head(h), self.colour_head(h)
 
     @torch.no_grad()

@@ -40,10 +40,12 @@ class Scene:
     tint: Tuple[float, float, float]
 
 
-def random_scene(rng: random.Random, obj: str, colour: str) -> Scene:
-    return Scene(obj, colour, cx=SIZE / 2 + rng.uniform(-1.5, 1.5), cy=SIZE / 2 + rng.uniform(-1.5, 1.5),
-                 radius=rng.uniform(4.0, 6.0), background=rng.uniform(0.06, 0.14),
-                 tint=tuple(rng.uniform(-0.05, 0.05) for _ in range(3)))
+def random_scene(rng: random.Random, obj: str, colour: str, size: int = SIZE) -> Scene:
+    """The same scene at any size: positions and radius scale with the image side (16 is the demo world's)."""
+    scale = size / SIZE
+    return Scene(obj, colour, cx=size / 2 + rng.uniform(-1.5, 1.5) * scale,
+                 cy=size / 2 + rng.uniform(-1.5, 1.5) * scale, radius=rng.uniform(4.0, 6.0) * scale,
+                 background=rng.uniform(0.06, 0.14), tint=tuple(rng.uniform(-0.05, 0.05) for _ in range(3)))
 
 
 def _mask(obj: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:
@@ -64,24 +66,24 @@ def _mask(obj: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tenso
     raise ValueError(f"unknown object {obj!r}; the world draws {OBJECTS}")
 
 
-def render(scene: Scene) -> torch.Tensor:
-    """[SIZE, SIZE, 3] in [0, 1]; edges anti-aliased by supersampling."""
-    n = SIZE * SUPERSAMPLE
+def render(scene: Scene, size: int = SIZE) -> torch.Tensor:
+    """[size, size, 3] in [0, 1]; edges anti-aliased by supersampling."""
+    n = size * SUPERSAMPLE
     coords = (torch.arange(n, dtype=torch.float32) + 0.5) / SUPERSAMPLE
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     cover = _mask(scene.obj, xx - scene.cx, yy - scene.cy, scene.radius).float()
-    cover = cover.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(dim=(1, 3))[..., None]
+    cover = cover.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(dim=(1, 3))[..., None]
     colour = torch.tensor([min(1.0, max(0.0, c + t)) for c, t in zip(RGB[scene.colour], scene.tint)])
     return cover * colour + (1 - cover) * scene.background
 
 
-def render_batch(rng: random.Random, labels: Sequence[Tuple[str, str]]) -> torch.Tensor:
-    return torch.stack([render(random_scene(rng, o, c)) for o, c in labels])
+def render_batch(rng: random.Random, labels: Sequence[Tuple[str, str]], size: int = SIZE) -> torch.Tensor:
+    return torch.stack([render(random_scene(rng, o, c, size), size) for o, c in labels])
 
 
-def render_empty(rng: random.Random, count: int) -> torch.Tensor:
+def render_empty(rng: random.Random, count: int, size: int = SIZE) -> torch.Tensor:
     """Backgrounds with no object: the classifier's 'none' class."""
-    return torch.stack([torch.full((SIZE, SIZE, 3), rng.uniform(0.06, 0.14)) for _ in range(count)])
+    return torch.stack([torch.full((size, size, 3), rng.uniform(0.06, 0.14)) for _ in range(count)])
 
 
 def random_labels(rng: random.Random, count: int) -> List[Tuple[str, str]]:

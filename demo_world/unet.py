@@ -8,16 +8,8 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 
-from .renderer import SIZE
+from .spec import DEMO, WorldSpec
 from .text_encoder import CONTEXT_DIM
-
-# Cross-attention only at the 8x8 level (input_blocks.3, middle_block, output_blocks.0/1), as SDXL skips
-# attention at its highest resolution: it keeps a training step at batch 32 near 0.3 s on one CPU core.
-UNET_CONFIG = dict(
-    in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1],
-    transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=1,
-    use_spatial_transformer=True, legacy=False, num_heads=-1, num_head_channels=16,
-    use_linear_in_transformer=True, adm_in_channels=None, image_size=SIZE, context_dim=CONTEXT_DIM)
 
 
 def init_weights(module: torch.nn.Module, seed: int) -> None:
@@ -32,9 +24,9 @@ def init_weights(module: torch.nn.Module, seed: int) -> None:
     torch.random.set_rng_state(generator_state)
 
 
-def build_unet(seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around a fresh SD1.5-family BaseModel (EPS prediction) with UNET_CONFIG."""
-    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(dict(UNET_CONFIG)), device="cpu")
+def build_unet(seed: int = 0, spec: WorldSpec = DEMO) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher around a fresh SD1.5-family BaseModel (EPS prediction) in the world's shape."""
+    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(spec.unet_config(CONTEXT_DIM)), device="cpu")
     init_weights(model, seed)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),

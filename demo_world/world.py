@@ -14,6 +14,7 @@ import comfy.sample
 from . import renderer
 from .classifier import Classifier
 from .reading import WORLD_FILE, classifier_from, part
+from .spec import DEMO, WorldSpec
 from .text_encoder import TextEncoder
 from .unet import build_unet
 
@@ -26,6 +27,12 @@ class World:
     text_encoder: TextEncoder
     classifier: Classifier
     metadata: Dict[str, str]
+    spec: WorldSpec = DEMO
+
+    @property
+    def resolution(self) -> int:
+        """Its images' side in ComfyUI's pixels (8 per latent cell, as SD's VAE): the trainer's `resolution`."""
+        return 8 * self.spec.size
 
     def conditioning(self, caption: str) -> list:
         return self.text_encoder.conditioning(caption)
@@ -41,7 +48,9 @@ def state_dicts(model, text_encoder, classifier) -> Dict[str, torch.Tensor]:
             for part, sd in parts.items() for k, v in sd.items()}
 
 
-def save_world(path: Path, model, text_encoder, classifier, metadata: Dict[str, object]) -> None:
+def save_world(path: Path, model, text_encoder, classifier, metadata: Dict[str, object],
+               spec: WorldSpec = DEMO) -> None:
+    metadata = dict(metadata, spec=spec.to_json())
     save_file(state_dicts(model, text_encoder, classifier), str(path),
               metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
 
@@ -54,21 +63,22 @@ def load_world(path: Path = WORLD_FILE) -> World:
 
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
-    model = build_unet()
+    spec = WorldSpec.from_json(metadata["spec"]) if "spec" in metadata else DEMO
+    model = build_unet(spec=spec)
     model.model.diffusion_model.load_state_dict(part(tensors, "unet"))
-    text_encoder, classifier = TextEncoder(), classifier_from(tensors)
+    text_encoder, classifier = TextEncoder(layers=spec.text_layers), classifier_from(tensors)
     text_encoder.load_state_dict(part(tensors, "text"))
     text_encoder.eval()
     unet = model.model.diffusion_model
     for p in list(unet.parameters()) + list(text_encoder.parameters()) + list(classifier.parameters()):
         p.requires_grad_(False)
-    return World(model, text_encoder, classifier, metadata)
+    return World(model, text_encoder, classifier, metadata, spec)
 
 
 def sample(model, positive: list, negative: list, seed: int, count: int, steps: int = STEPS,
-           cfg: float = CFG) -> torch.Tensor:
-    """`count` images [count, 16, 16, 3] for one prompt; the same seed gives the same starting noise."""
-    latent = torch.zeros(count, 4, renderer.SIZE, renderer.SIZE)
+           cfg: float = CFG, size: int = renderer.SIZE) -> torch.Tensor:
+    """`count` images [count, size, size, 3] for one prompt; the same seed gives the same starting noise."""
+    latent = torch.zeros(count, 4, size, size)
     noise = comfy.sample.prepare_noise(latent, seed)
     with torch.no_grad():
         samples = comfy.sample.sample(model, noise, steps, cfg, SAMPLER, SCHEDULER, positive, negative, latent,
@@ -82,6 +92,6 @@ def read_prompt_samples(world: World, model, captions: Sequence[str], seed: int,
     uncond = world.unconditional()
     out = []
     for caption in captions:
-        images = sample(model, world.conditioning(caption), uncond, seed, count, steps, cfg)
+        images = sample(model, world.conditioning(caption), uncond, seed, count, steps, cfg, world.spec.size)
         out.append(world.classifier.read(images))
     return out

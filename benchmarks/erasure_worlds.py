@@ -1,0 +1,167 @@
+"""Erasure on every synthetic world, several training seeds: do the defaults hold beyond the world they were tuned on?
+
+    .venv/bin/python benchmarks/erasure_worlds.py                 # every world, lp and esd_x, seeds 0,1,2
+    .venv/bin/python benchmarks/erasure_worlds.py --worlds large --methods lp --seeds 0 --samples 8
+
+The worlds (demo_world/spec.py) share the vocabulary and the renderer's scenes and differ in latent size, UNet
+shape and text-encoder depth; each has its own classifier and its own concept to erase (WORLD_CONCEPTS):
+
+  demo    16x16 latents, cross-attention at 8x8 only, 1 text layer      (demo_world/world.safetensors)   "a square"
+  deep    16x16, two transformer blocks per attention site, 3 text layers (benchmarks/worlds/deep.safetensors)  "red"
+  large   32x32 latents, 3 levels, attention at 8x8 only, 2 text layers (benchmarks/worlds/large.safetensors) "a cross"
+
+Every erasure goes through Train Concept Erasure's own function with the node's widget defaults except those of
+erasure_quality.py (learning_rate 3e-4, resolution the world's), one per training seed. Columns:
+
+  erased     share of the samples for the concept's prompts that do NOT show it: "a {colour} square" and
+             "a square" for an object; "a red {object}" for the colour, where showing it means a red image
+  synonyms   the same for the object's synonym ("a {colour} box", "a box"), which the trainer never sees
+             (a colour has none here)
+  kept obj / kept col  share of the samples for every other prompt ("a blue circle", ...; for the colour, every
+             object in the other colours) showing the prompted object / colour
+  kept → erased  share of those samples that show the erased concept instead
+  held-out score  the trainer's own concept score at the end, per seed (Train Concept Erasure's score_every: the
+             Concept Erasure Report's 'toward ESD target' on held-out x_t; 0 = unchanged, 1 = ESD's target)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_host as host  # noqa: E402
+
+WORLD_CONCEPTS = {"demo": "square", "deep": "red", "large": "cross"}  # an object, a colour, an object at 32x32
+SAMPLES = 16
+
+
+def concept_sets(concept: str) -> dict:
+    from comfyui_concept_erasure.demo_world.vocabulary import COLOURS, OBJECTS
+
+    from erasure_quality import prompt_sets
+
+    if concept in COLOURS:
+        return {"erased": [(f"a {concept} {o}", concept, o) for o in OBJECTS], "synonyms": [],
+                "kept": [(f"a {c} {o}", c, o) for c in COLOURS if c != concept for o in OBJECTS]}
+    return prompt_sets([concept])
+
+
+def rates(r: dict) -> dict:
+    """The row's figures (0..1): erased and synonyms are 1 - the share showing the concept."""
+    def hidden(name):
+        shown = r[name]["as_erased"]
+        return None if shown is None else 1 - shown
+
+    return {"erased": hidden("erased"), "synonyms": hidden("synonyms"), "kept_obj": r["kept"]["object"],
+            "kept_col": r["kept"]["colour"], "kept_as_erased": r["kept"]["as_erased"]}
+
+
+def cell(values) -> str:
+    from erasure_quality import pct
+
+    return " / ".join(pct(v) for v in values)
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def final_scores(seeds) -> str:
+    """The trainer's held-out concept score at its last measurement, per seed (the report's 'toward' figure),
+    with the iteration where a run stopped early at stop_at_score."""
+    def one(s):
+        stopped = s.get("stopped") or {}
+        early = f" @{stopped['iteration']}" if stopped.get("reason", "iterations") != "iterations" else ""
+        return f"{s['scores'][-1][1]:.2f}{early}"
+
+    return " / ".join(one(s) for s in seeds if s.get("scores")) or "–"
+
+
+def table(rows) -> str:
+    from erasure_quality import pct
+
+    lines = ["| world | concept | model | erased ↑ (per seed) | mean erased | mean synonyms | kept obj ↑ (per seed) | "
+             "mean kept obj | mean kept col | kept → erased ↓ | held-out score | train s |", "|" + "---|" * 12]
+    for row in rows:
+        seeds, seconds = row["seeds"], row["train_s"]
+        lines.append(
+            f"| {row['world']} | {row['concept']} | {row['model']} | {cell(s['erased'] for s in seeds)} | "
+            f"**{pct(mean(s['erased'] for s in seeds))}** | {pct(mean(s['synonyms'] for s in seeds))} | "
+            f"{cell(s['kept_obj'] for s in seeds)} | **{pct(mean(s['kept_obj'] for s in seeds))}** | "
+            f"{pct(mean(s['kept_col'] for s in seeds))} | {pct(mean(s['kept_as_erased'] for s in seeds))} | "
+            f"{final_scores(seeds)} | "
+            f"{'–' if seconds is None else f'{seconds:.0f}'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worlds", default=",".join(WORLD_CONCEPTS))
+    parser.add_argument("--methods", default="lp,esd_x")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds (the node's seed input)")
+    parser.add_argument("--samples", type=int, default=SAMPLES, help="samples per prompt")
+    parser.add_argument("--iterations", type=int, help="override the node's default")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="node inputs for every run")
+    parser.add_argument("--concept", help="erase this object or colour on every world instead of its own")
+    parser.add_argument("--no-original", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--threads", type=int, default=host.threads_from_env())
+    opts = parser.parse_args(argv)
+    host.setup(opts.threads)
+    import torch
+
+    from comfyui_concept_erasure.demo_world.vocabulary import COLOURS
+    from comfyui_concept_erasure.demo_world.world import load_world
+
+    from erasure_quality import WORLD_SETTINGS, measure, parse_overrides, train
+
+    common = parse_overrides(opts.set)
+    if opts.iterations:
+        common["iterations"] = opts.iterations
+    seeds = [int(s) for s in opts.seeds.split(",") if s]
+    started, rows = time.time(), []
+
+    def add(row):
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+        if opts.json:
+            opts.json.write_text(json.dumps({"samples": opts.samples, "common": common, "rows": rows}, indent=1,
+                                            default=str))
+
+    for name in [w for w in opts.worlds.split(",") if w]:
+        world = load_world(host.world_file(name))
+        concept = opts.concept or WORLD_CONCEPTS[name]
+        sets = concept_sets(concept)
+        colour = concept if concept in COLOURS else None
+        print(f"world {name} ({world.spec.notes}): {world.metadata.get('command', '?')}; concept {concept!r}; "
+              f"node inputs {dict(WORLD_SETTINGS, resolution=world.resolution, **common)}; "
+              f"torch threads {torch.get_num_threads()}", flush=True)
+        if not opts.no_original:
+            r = rates(measure(world, world.model, sets, opts.samples, with_scores=False, erased_colour=colour))
+            add({"world": name, "concept": concept, "model": "original", "seeds": [r], "train_s": None})
+        for method in [m for m in opts.methods.split(",") if m]:
+            per_seed, seconds = [], []
+            for seed in seeds:
+                model, erasure, took, used = train(world, dict(common, method=method, seed=seed), [concept])
+                r = rates(measure(world, model, sets, opts.samples, with_scores=False, erased_colour=colour))
+                r["scores"] = erasure.settings.get("concept_scores", [])
+                r["stopped"] = erasure.settings.get("stopped")
+                per_seed.append(r)
+                seconds.append(took)
+                del model
+            add({"world": name, "concept": concept, "model": method, "seeds": per_seed,
+                 "train_s": sum(seconds) / len(seconds), "settings": used})
+    print()
+    print(table(rows))
+    print(f"\n{len(rows)} rows, seeds {seeds}, {opts.samples} samples per prompt, "
+          f"{(time.time() - started) / 60:.1f} min in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

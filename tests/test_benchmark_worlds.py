@@ -1,0 +1,90 @@
+"""The benchmark's other synthetic worlds (benchmarks/worlds/): committed small, loaded in the shape they were
+trained in, with a classifier that reads their own renders and a UNet the pack patches."""
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_concept_erasure.demo_world import renderer
+from comfyui_concept_erasure.demo_world.spec import DEMO, WORLDS, WorldSpec
+from comfyui_concept_erasure.demo_world.vocabulary import COLOURS, OBJECTS
+from comfyui_concept_erasure.demo_world.world import WORLD_FILE, load_world, sample
+from comfyui_concept_erasure.erasure.concept_erasure import cross_attention_layers, model_context_dim
+
+ROOT = Path(__file__).resolve().parents[1]
+OTHER = ("deep", "large")
+ATTENTION = {  # where each world's cross-attention sits (its spec's transformer depths)
+    "deep": [f"{block}.1.transformer_blocks.{i}" for block in ("input_blocks.3", "middle_block", "output_blocks.0",
+                                                               "output_blocks.1") for i in (0, 1)],
+    "large": [f"{block}.1.transformer_blocks.0" for block in ("input_blocks.5", "middle_block", "output_blocks.0",
+                                                              "output_blocks.1")],
+}
+
+
+def world_path(name):
+    return ROOT / "benchmarks" / "worlds" / f"{name}.safetensors"
+
+
+@pytest.fixture(scope="module", params=OTHER)
+def world(request):
+    return request.param, load_world(world_path(request.param))
+
+
+def test_specs_differ_in_what_could_matter_and_round_trip_through_json():
+    deep, large = WORLDS["deep"], WORLDS["large"]
+    assert large.size == 2 * DEMO.size and len(large.channel_mult) == len(DEMO.channel_mult) + 1
+    assert deep.transformer_depth_middle == 2 and deep.text_layers == 3 and large.text_layers == 2
+    for spec in WORLDS.values():
+        assert WorldSpec.from_json(spec.to_json()) == spec
+
+
+def test_demo_world_file_without_a_spec_loads_as_the_demo_world():
+    from safetensors import safe_open
+
+    with safe_open(str(WORLD_FILE), "pt") as f:
+        assert "spec" not in f.metadata()
+    assert load_world().spec == DEMO
+
+
+@pytest.mark.parametrize("name", OTHER)
+def test_committed_world_is_small_fp16_and_records_its_spec_and_command(name):
+    from safetensors import safe_open
+
+    path = world_path(name)
+    assert path.stat().st_size <= 5 * 1024 * 1024
+    with safe_open(str(path), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        metadata = f.metadata()
+    assert WorldSpec.from_json(metadata["spec"]) == WORLDS[name]
+    assert metadata["command"].startswith(f"python benchmarks/train_demo_world.py --world {name}")
+
+
+def test_classifier_reads_fresh_renders_at_the_worlds_size(world):
+    name, w = world
+    rng = random.Random(2024)
+    labels = [(o, c) for o in OBJECTS for c in COLOURS] * 5
+    images = renderer.render_batch(rng, labels, w.spec.size)
+    assert images.shape[1:] == (w.spec.size, w.spec.size, 3)
+    objects, colours = w.classifier.read(images)
+    assert sum(o == lo for (lo, _), o in zip(labels, objects)) / len(labels) >= 0.98
+    assert sum(c == lc for (_, lc), c in zip(labels, colours)) / len(labels) >= 0.98
+    empty, _ = w.classifier.read(renderer.render_empty(rng, 10, w.spec.size))
+    assert empty.count("none") >= 9
+
+
+def test_unet_is_an_sd15_model_with_cross_attention_where_the_spec_puts_it(world):
+    name, w = world
+    assert type(w.model.model.model_config).__name__ == "SD15"
+    assert model_context_dim(w.model) == 768
+    assert sorted(cross_attention_layers(w.model)) == sorted(f"diffusion_model.{a}.attn2" for a in ATTENTION[name])
+    assert len(w.text_encoder.more_layers) == w.spec.text_layers - 1
+
+
+def test_world_samples_at_its_size_and_draws_the_prompted_object(world):
+    name, w = world
+    images = sample(w.model, w.conditioning("a blue triangle"), w.unconditional(), seed=7, count=4,
+                    size=w.spec.size)
+    assert images.shape == (4, w.spec.size, w.spec.size, 3) and torch.isfinite(images).all()
+    objects, colours = w.classifier.read(images)
+    assert objects.count("triangle") >= 3 and colours.count("blue") >= 3
