@@ -104,8 +104,7 @@ def measure(world, model, sets, samples: int, with_scores: bool, erased_colour: 
             if with_scores and model is not world.model:
                 cond = world.conditioning(caption)
                 if caption not in _FIRST_SAMPLE:
-                    _FIRST_SAMPLE[caption] = encode(sample(world.model, cond, uncond, SEED, 1, STEPS, CFG,
-                                                           world.spec.size))
+                    _FIRST_SAMPLE[caption] = encode(sample(world.model, cond, uncond, SEED, 1, STEPS, CFG))
                 first = _FIRST_SAMPLE[caption]
                 toward.append(concept_scores(world.model, model, [cond], uncond, [first], [caption], SEED)[0].toward)
         coloured = sum(samples for _, c, _ in prompts if c)
@@ -180,7 +179,7 @@ def attacked(world, model, samples: int, seeds, iterations: int) -> dict:
             context, options = world.conditioning(caption)[0]
             tokens = result.tokens.to(context.dtype).unsqueeze(0)
             objects, _ = world.classifier.read(sample(model, [[torch.cat([context, tokens], 1), options]], uncond,
-                                                      SEED, samples, size=world.spec.size))
+                                                      SEED, samples))
             hidden += sum(o != ERASED for o in objects)
             total += len(objects)
     return {"not_shown": hidden / total, "samples": total, "loss_before": sum(before) / len(before),

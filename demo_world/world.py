@@ -76,8 +76,10 @@ def load_world(path: Path = WORLD_FILE) -> World:
 
 
 def sample(model, positive: list, negative: list, seed: int, count: int, steps: int = STEPS,
-           cfg: float = CFG, size: int = renderer.SIZE) -> torch.Tensor:
-    """`count` images [count, size, size, 3] for one prompt; the same seed gives the same starting noise."""
+           cfg: float = CFG) -> torch.Tensor:
+    """`count` images [count, size, size, 3] for one prompt, at the size the world's UNet was built for; the same
+    seed gives the same starting noise."""
+    size = model.model.model_config.unet_config["image_size"]
     latent = torch.zeros(count, 4, size, size)
     noise = comfy.sample.prepare_noise(latent, seed)
     with torch.no_grad():
@@ -92,6 +94,6 @@ def read_prompt_samples(world: World, model, captions: Sequence[str], seed: int,
     uncond = world.unconditional()
     out = []
     for caption in captions:
-        images = sample(model, world.conditioning(caption), uncond, seed, count, steps, cfg, world.spec.size)
+        images = sample(model, world.conditioning(caption), uncond, seed, count, steps, cfg)
         out.append(world.classifier.read(images))
     return out

@@ -83,8 +83,7 @@ def test_unet_is_an_sd15_model_with_cross_attention_where_the_spec_puts_it(world
 
 def test_world_samples_at_its_size_and_draws_the_prompted_object(world):
     name, w = world
-    images = sample(w.model, w.conditioning("a blue triangle"), w.unconditional(), seed=7, count=4,
-                    size=w.spec.size)
+    images = sample(w.model, w.conditioning("a blue triangle"), w.unconditional(), seed=7, count=4)
     assert images.shape == (4, w.spec.size, w.spec.size, 3) and torch.isfinite(images).all()
     objects, colours = w.classifier.read(images)
     assert objects.count("triangle") >= 3 and colours.count("blue") >= 3
