@@ -33,6 +33,9 @@ tokens (found on "a square") appended to each:
 
   after attack  share of those samples that still do NOT show the erased object, over the attack seeds
   attack loss   the attack's own loss (erased vs original prediction) before -> after, mean over the seeds
+  least kept object   the kept object drawn least often, and its share
+--robust-preserve names objects whose prompts ("a circle", ...) are the robust rows' preserve set, and --robust-set
+gives those rows other node inputs (e.g. preserve_weight=3).
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ FULL = dict(iterations=1000, samples=24)  # 1000: the node's default
 QUICK = dict(iterations=150, samples=8)
 # Settings that differ from the node's widget defaults, and why:
 #   resolution: the world's (128 for 16x16 latents, in SD's 8x VAE terms; set from the world in train());
-#   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet; on this 1.6M-parameter UNet
+#   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet; on this 1.4M-parameter UNet
 #   it changes nothing (0% erased at 150 iterations), 1e-4 erases ~90%, 3e-4 ~95-100%, 1e-3 starts to hurt
 #   (sweep on the first world with full deltas, see RESULTS.md). The default rank-32 factors erase as well as
 #   full deltas at this same rate (rank sweep in RESULTS.md).
@@ -95,9 +98,11 @@ def measure(world, model, sets, samples: int, with_scores: bool, erased_colour: 
     for name, prompts in sets.items():
         hits = colour_hits = total = as_erased = 0
         toward = []
+        per_object = {}
         reads = read_prompt_samples(world, model, [caption for caption, _, _ in prompts], SEED, samples)
         for (caption, colour, obj), (objects, colours) in zip(prompts, reads):
             hits += sum(o == obj for o in objects)
+            per_object.setdefault(obj, []).extend(o == obj for o in objects)
             as_erased += sum(o in erased_objects or c == erased_colour for o, c in zip(objects, colours))
             colour_hits += sum(c == colour for c in colours) if colour else 0
             total += len(objects)
@@ -110,7 +115,8 @@ def measure(world, model, sets, samples: int, with_scores: bool, erased_colour: 
         coloured = sum(samples for _, c, _ in prompts if c)
         result[name] = {"object": hits / total if total else None,
                         "colour": colour_hits / coloured if coloured else None,
-                        "as_erased": as_erased / total if total else None, "samples": total}
+                        "as_erased": as_erased / total if total else None, "samples": total,
+                        "per_object": {o: sum(v) / len(v) for o, v in per_object.items()}}
         scores[name] = sum(toward) / len(toward) if toward else None
     result["scores"] = scores
     return result
@@ -187,12 +193,13 @@ def attacked(world, model, samples: int, seeds, iterations: int) -> dict:
 
 
 def attack_table(rows) -> str:
-    lines = ["| model | erased ↑ | erased after attack ↑ | kept obj ↑ | kept → erased ↓ | attack loss before → after "
-             "| train s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | erased ↑ | erased after attack ↑ | kept obj ↑ | least kept object ↑ | kept → erased ↓ "
+             "| attack loss before → after | train s |", "|---|---|---|---|---|---|---|---|"]
     for label, r, seconds in rows:
         a = r["attack"]
+        least = min(r["kept"]["per_object"].items(), key=lambda item: item[1])
         lines.append(f"| {label} | {pct(1 - r['erased']['object'])} | {pct(a['not_shown'])} | "
-                     f"{pct(r['kept']['object'])} | {pct(r['kept']['as_erased'])} | "
+                     f"{pct(r['kept']['object'])} | {least[0]} {pct(least[1])} | {pct(r['kept']['as_erased'])} | "
                      f"{a['loss_before']:.3g} → {a['loss_after']:.3g} | {'–' if seconds is None else f'{seconds:.0f}'} |")
     return "\n".join(lines)
 
@@ -252,6 +259,10 @@ def main(argv=None) -> int:
     parser.add_argument("--attack-iterations", type=int, default=ATTACK["iterations"])
     parser.add_argument("--attack-seeds", default=ATTACK["seeds"], help="comma-separated attack seeds")
     parser.add_argument("--robust-methods", default="lp,esd_x", help="--attack: methods trained with adversarial_steps")
+    parser.add_argument("--robust-preserve", default="",
+                        help="--attack: objects whose prompts ('a circle', ...) are the robust rows' preserve set")
+    parser.add_argument("--robust-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="--attack: node inputs for the robust rows only, e.g. iterations=2000")
     opts = parser.parse_args(argv)
     host.setup(opts.threads)
     import torch
@@ -311,14 +322,20 @@ def attack_rows(world, opts, mode, common, started) -> int:
     single = prompt_sets([ERASED])
     single.pop("synonyms")
     rows, records = [], []
-    runs = [] if opts.no_original else [("original", None)]
-    runs += [(m, dict(common, method=m)) for m in opts.methods.split(",") if m]
-    runs += [(f"{m} + adversarial_steps {ROBUST['adversarial_steps']}", dict(common, method=m, **ROBUST))
-             for m in opts.robust_methods.split(",") if m]
-    for label, settings in runs:
+    preserve = tuple(o for o in opts.robust_preserve.split(",") if o)
+    robust = dict(ROBUST, **parse_overrides(opts.robust_set))
+    suffix = "".join(f", {k} {v}" for k, v in robust.items() if k != "adversarial_steps")
+    suffix += f", preserve {{{', '.join(preserve)}}}" if preserve else ""
+    runs = [] if opts.no_original else [("original", None, None)]
+    runs += [(m, dict(common, method=m), None) for m in opts.methods.split(",") if m]
+    runs += [(f"{m} + adversarial_steps {robust['adversarial_steps']}{suffix}", dict(common, method=m, **robust),
+              preserve) for m in opts.robust_methods.split(",") if m]
+    for label, settings, kept_set in runs:
         model, seconds, used = world.model, None, None
         if settings is not None:
-            model, _, seconds, used = train(world, settings, [ERASED])
+            model, _, seconds, used = train(world, settings, [ERASED], preserve=kept_set)
+            if kept_set:
+                used["preserve"] = [f"a {o}" for o in kept_set]
         r = measure(world, model, single, mode["samples"], with_scores=False)
         r["attack"] = attacked(world, model, mode["samples"], seeds, opts.attack_iterations)
         rows.append((label, r, seconds))

@@ -77,7 +77,9 @@ class TrainConceptErasure:
                                      "Weight of the key term (lp only, must be above 0 there): the erased model "
                                      "with the prompt attached must still produce the concept."),
                 "preserve_weight": _float(d.preserve_weight, 0.0, 100.0, 0.01,
-                                          "Weight of the preserve term; used only when preserve is connected."),
+                                          "Weight of the preserve term; used only when preserve is connected. "
+                                          "With adversarial_steps, 3 kept the other concepts on the pack's "
+                                          "benchmark where 1 did not."),
                 "sampling_steps": _int(d.sampling_steps, 1, 1000,
                                        "Steps of the Euler (DDIM) schedule used to generate the training images x_t."),
                 "sampling_cfg": _float(d.sampling_cfg, 0.0, 30.0, 0.1, "CFG used to generate the training images."),
@@ -110,12 +112,17 @@ class TrainConceptErasure:
             },
             "optional": {
                 "preserve": ("CONDITIONING", {"tooltip": "Concepts to keep unchanged (Conditioning (Combine) for "
-                                                         "several): their predictions are held to the original."}),
+                                                         "several): their predictions are held to the original. "
+                                                         "Needed with adversarial_steps: name the concepts closest "
+                                                         "to the erased one."}),
                 "adversarial_steps": _int(d.adversarial_steps, 0, 1000,
                                           "Robust training (0 = off): every adversarial_every iterations, this many "
                                           "steps of the Attack Erased Concept attack against the model being "
                                           "trained find tokens that bring the concept back, and the erase term is "
-                                          "applied with them too. Costs time (see the pack's benchmark)."),
+                                          "applied with them too. Connect preserve with the concepts to keep (the "
+                                          "ones closest to the erased concept first) and raise preserve_weight (3 "
+                                          "on the pack's benchmark): without them robust training erases those "
+                                          "too. Costs time (see the pack's benchmark)."),
                 "adversarial_every": _int(d.adversarial_every, 1, 100000,
                                           "Iterations between refits of the adversarial tokens (robust training)."),
                 "adversarial_tokens": _int(d.adversarial_tokens, 1, 75,

@@ -133,6 +133,27 @@ def test_robust_training_is_deterministic_and_recorded(world):
     assert not all(torch.equal(first.deltas[k], plain.erasure.deltas[k]) for k in first.deltas)
 
 
+def test_robust_training_holds_its_preserve_set_and_warns_without_one(world, caplog):
+    model, concept, uncond = world
+    kept = conditioning("sd15", 4)
+    kept[0][0] = 0.5 * kept[0][0] + 0.5 * concept[0][0]  # near the concept: robust training erases it too
+    probe = Probe()
+    original = probe.eps(model, kept)
+    robust = dict(ROBUST, iterations=12, learning_rate=3e-4)
+    with caplog.at_level("WARNING"):
+        bare = train(model, concept, uncond, **robust)
+    assert any("adversarial_steps without a preserve conditioning" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        held = train(model, concept, uncond, preserve=kept, **robust, preserve_weight=10.0)
+    assert not any("preserve" in r.getMessage() for r in caplog.records)
+    assert len(held.losses["preserve"]) == len(held.losses["erase_adv"]) == robust["iterations"]
+    drift = {name: (probe.eps(apply_erasure(model, run.erasure), kept) - original).norm().item()
+             for name, run in (("bare", bare), ("held", held))}
+    print(f"preserved concept's prediction moved {drift}")
+    assert drift["held"] < 0.6 * drift["bare"]
+
+
 def test_cancel_stops_the_inner_attack_and_the_outer_loop(world, monkeypatch):
     model, concept, uncond = world
     before = loaded_weights(model)
