@@ -131,7 +131,7 @@ def concept_caption(concept: str) -> str:
 
 def train(world, settings: dict, concepts, preserve=None):
     """Train Concept Erasure's own function, under inference mode as ComfyUI runs nodes.
-    Returns (erased MODEL, erasure, seconds, the node's inputs)."""
+    Returns (erased MODEL, erasure, seconds, the node's inputs; preserve as its prompts)."""
     import torch
 
     from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
@@ -139,12 +139,14 @@ def train(world, settings: dict, concepts, preserve=None):
     kwargs = dict(host.widget_defaults(TrainConceptErasure), **WORLD_SETTINGS, resolution=world.resolution)
     kwargs.update(settings, concept_label="\n".join(concepts))
     concept = combine(*(world.conditioning(concept_caption(c)) for c in concepts))
-    if preserve:
-        kwargs["preserve"] = combine(*(world.conditioning(f"a {o}") for o in preserve))
+    kept = [f"a {o}" for o in preserve or ()]
+    if kept:
+        kwargs["preserve"] = combine(*(world.conditioning(caption) for caption in kept))
     started = time.time()
     with torch.inference_mode():
         model, erasure, _ = TrainConceptErasure().train(world.model, concept, world.unconditional(), **kwargs)
-    kwargs.pop("preserve", None)
+    if kept:
+        kwargs["preserve"] = kept
     return model, erasure, time.time() - started, kwargs
 
 
@@ -334,8 +336,6 @@ def attack_rows(world, opts, mode, common, started) -> int:
         model, seconds, used = world.model, None, None
         if settings is not None:
             model, _, seconds, used = train(world, settings, [ERASED], preserve=kept_set)
-            if kept_set:
-                used["preserve"] = [f"a {o}" for o in kept_set]
         r = measure(world, model, single, mode["samples"], with_scores=False)
         r["attack"] = attacked(world, model, mode["samples"], seeds, opts.attack_iterations)
         rows.append((label, r, seconds))

@@ -72,13 +72,13 @@ def train_erasure(model, concept, unconditional, preserve=None, settings: Option
     concept, unconditional, preserve = (read_prompts(entries, name, sampling) for entries, name in (
         (concept, "concept"), (unconditional, "unconditional"), (preserve, "preserve")))
     recorded = _recorded_inputs(model, concept, preserve)
-    if settings.adversarial and not any(p.weight > 0 for p in preserve):
+    kept = [p for p in preserve if p.weight > 0]
+    if settings.adversarial and not kept:
         log.warning(ROBUST_WITHOUT_PRESERVE)
     try:
         with torch.inference_mode(False):
-            result = _train(model, [p for p in concept if p.weight > 0], unconditional[0],
-                            [p for p in preserve if p.weight > 0], settings, context_dim, kind,
-                            concept_names(concept_label), on_iteration)
+            result = _train(model, [p for p in concept if p.weight > 0], unconditional[0], kept, settings,
+                            context_dim, kind, concept_names(concept_label), on_iteration)
     finally:
         if torch.device(model.load_device).type != "cpu":
             comfy.model_management.soft_empty_cache()
