@@ -59,7 +59,8 @@ QUICK = dict(iterations=150, samples=8)
 #   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet; on this 1.4M-parameter UNet
 #   it changes nothing (0% erased at 150 iterations), 1e-4 erases ~90%, 3e-4 ~95-100%, 1e-3 starts to hurt
 #   (sweep on the first world with full deltas, see RESULTS.md). The default rank-32 factors erase as well as
-#   full deltas at this same rate (rank sweep in RESULTS.md).
+#   full deltas at this same rate (rank sweep in RESULTS.md). erasure_worlds.py --set learning_rate=1e-5
+#   min_score_rise=0.2 lets the trainer raise the rate itself instead (RESULTS.md: it erases less on the demo world).
 WORLD_SETTINGS = dict(learning_rate=3e-4)
 FULL_DELTAS = dict(rank=0)
 

@@ -11,7 +11,8 @@ shape and text-encoder depth; each has its own classifier and its own concept to
   large   32x32 latents, 3 levels, attention at 8x8 only, 2 text layers (benchmarks/worlds/large.safetensors) "a cross"
 
 Every erasure goes through Train Concept Erasure's own function with the node's widget defaults except those of
-erasure_quality.py (learning_rate 3e-4, resolution the world's), one per training seed. Columns:
+erasure_quality.py (learning_rate 3e-4, resolution the world's), one per training seed; `--set learning_rate=1e-5
+min_score_rise=0.2` lets the trainer raise the rate itself from the node's 1e-5 instead. Columns:
 
   erased     share of the samples for the concept's prompts that do NOT show it: "a {colour} square" and
              "a square" for an object; "a red {object}" for the colour, where showing it means a red image
@@ -22,6 +23,7 @@ erasure_quality.py (learning_rate 3e-4, resolution the world's), one per trainin
   kept → erased  share of those samples that show the erased concept instead
   held-out score  the trainer's own concept score at the end, per seed (Train Concept Erasure's score_every: the
              Concept Erasure Report's 'toward ESD target' on held-out x_t; 0 = unchanged, 1 = ESD's target)
+  rate used  the learning rate each seed's run ended with (min_score_rise doubles it while the score barely moves)
 """
 from __future__ import annotations
 
@@ -82,11 +84,16 @@ def final_scores(seeds) -> str:
     return " / ".join(one(s) for s in seeds if s.get("scores")) or "–"
 
 
+def rates_used(seeds) -> str:
+    """The learning rate each seed's run ended with (min_score_rise raises it from learning_rate)."""
+    return " / ".join(f"{s['learning_rate_used']:.1e}" for s in seeds if s.get("learning_rate_used")) or "–"
+
+
 def table(rows) -> str:
     from erasure_quality import pct
 
     lines = ["| world | concept | model | erased ↑ (per seed) | mean erased | mean synonyms | kept obj ↑ (per seed) | "
-             "mean kept obj | mean kept col | kept → erased ↓ | held-out score | train s |", "|" + "---|" * 12]
+             "mean kept obj | mean kept col | kept → erased ↓ | held-out score | rate used | train s |", "|" + "---|" * 13]
     for row in rows:
         seeds, seconds = row["seeds"], row["train_s"]
         lines.append(
@@ -94,7 +101,7 @@ def table(rows) -> str:
             f"**{pct(mean(s['erased'] for s in seeds))}** | {pct(mean(s['synonyms'] for s in seeds))} | "
             f"{cell(s['kept_obj'] for s in seeds)} | **{pct(mean(s['kept_obj'] for s in seeds))}** | "
             f"{pct(mean(s['kept_col'] for s in seeds))} | {pct(mean(s['kept_as_erased'] for s in seeds))} | "
-            f"{final_scores(seeds)} | "
+            f"{final_scores(seeds)} | {rates_used(seeds)} | "
             f"{'–' if seconds is None else f'{seconds:.0f}'} |")
     return "\n".join(lines)
 
@@ -151,6 +158,7 @@ def main(argv=None) -> int:
                 r = rates(measure(world, model, sets, opts.samples, with_scores=False, erased_colour=colour))
                 r["scores"] = erasure.settings.get("concept_scores", [])
                 r["stopped"] = erasure.settings.get("stopped")
+                r["learning_rate_used"] = erasure.settings.get("learning_rate_used")
                 per_seed.append(r)
                 seconds.append(took)
                 del model

@@ -13,6 +13,7 @@ attack.py         the attack on an erasure (adversarial tokens appended to the c
 iteration.py      the trainables, one iteration's loss terms and the optimizer step
 memory_count.py   shape-only models and a live-bytes counter
 memory_plan.py    the run's memory, counted before it starts; load whole or refuse with what would fit
+learning_rate.py  min_score_rise: the deltas' rate doubled while the concept score barely moves
 erasure_loop.py   the loop, producing a ConceptErasure
 loss_plot.py      loss curves as a ComfyUI IMAGE
 """

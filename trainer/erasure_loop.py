@@ -24,6 +24,7 @@ from .denoiser import Denoiser
 from .erasure_score import HeldOutScore
 from .host_autograd import trainable_model
 from .iteration import build_trainables, loss_terms, optimizer_step
+from .learning_rate import RateRaise
 from .memory_plan import MemoryPlan, MemoryPlanner, RunShape, TrainingMemoryError, fit
 from .model_patches import model_patches
 from .precision import compute_dtype, loss_scaler, weight_dtype
@@ -192,7 +193,9 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
             checkpointed_transformers(base.diffusion_model, parts.deltas, plan.checkpointing):
         denoiser = Denoiser(base, options, device, parts.deltas, parts.prompt, kind)
         scorer = HeldOutScore(denoiser, concepts_c, uncond_c, latent_shape, timesteps, sigmas, all_sigmas,
-                              s.sampling_cfg, s.seed, base.model_sampling, check_interrupt) if s.score_every else None
+                              s.sampling_cfg, s.seed, base.model_sampling, check_interrupt) \
+            if s.score_every or s.min_score_rise else None
+        rate = RateRaise(parts.optimizer.param_groups[0], s.min_score_rise)
         pool = None
         for it in range(s.iterations):
             check_interrupt()
@@ -214,9 +217,12 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
             progress.update(1)
             if on_iteration is not None:
                 on_iteration(it + 1)
-            if scorer is not None and ((it + 1) % s.score_every == 0 or it + 1 == s.iterations):
+            scheduled = s.score_every and ((it + 1) % s.score_every == 0 or it + 1 == s.iterations)
+            if scheduled or rate.due(it + 1):
                 scores.append((it + 1, scorer.score(prompt_attached=s.method == "lp_attached")))
-                if s.stop_at_score and scores[-1][1] >= s.stop_at_score and it + 1 < s.iterations:
+                if rate.due(it + 1):
+                    rate.update(it + 1, scores[-1][1])
+                if scheduled and s.stop_at_score and scores[-1][1] >= s.stop_at_score and it + 1 < s.iterations:
                     stopped = {"iteration": it + 1, "reason": f"concept score {scores[-1][1]:.3f} reached "
                                                               f"stop_at_score {s.stop_at_score:g}"}
                     log.finish(it + 1)
@@ -234,7 +240,7 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
         concepts=concepts,
         method=s.method,
         settings=dict(s.to_dict(), compute_dtype=plan.dtype, gradient_checkpointing_used=plan.checkpointing,
-                      stopped=stopped, concept_scores=[[i, round(v, 4)] for i, v in scores]),
+                      stopped=stopped, concept_scores=[[i, round(v, 4)] for i, v in scores], **rate.record()),
         base_model=type(base.model_config).__name__,
         pack_version=PACK_VERSION,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -44,6 +44,7 @@ class TrainSettings:
     adversarial_learning_rate: float = 1e-2
     score_every: int = 50
     stop_at_score: float = 0.0
+    min_score_rise: float = 0.0
 
     @property
     def uses_prompt(self) -> bool:
@@ -81,6 +82,9 @@ class TrainSettings:
         _finite("stop_at_score", self.stop_at_score)
         if self.stop_at_score < 0:
             raise ErasureError(f"stop_at_score must be 0 (off) or more, got {self.stop_at_score}")
+        _finite("min_score_rise", self.min_score_rise)
+        if self.min_score_rise < 0:
+            raise ErasureError(f"min_score_rise must be 0 (a fixed learning_rate) or more, got {self.min_score_rise}")
         if self.stop_at_score and not self.score_every:
             raise ErasureError("stop_at_score needs the score measured: set score_every above 0 (e.g. 50)")
         if self.adversarial_steps:
