@@ -218,9 +218,10 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
             if on_iteration is not None:
                 on_iteration(it + 1)
             scheduled = s.score_every and ((it + 1) % s.score_every == 0 or it + 1 == s.iterations)
-            if scheduled or rate.due(it + 1):
+            raising = rate.due(it + 1)
+            if scheduled or raising:
                 scores.append((it + 1, scorer.score(prompt_attached=s.method == "lp_attached")))
-                if rate.due(it + 1):
+                if raising:
                     rate.update(it + 1, scores[-1][1])
                 if scheduled and s.stop_at_score and scores[-1][1] >= s.stop_at_score and it + 1 < s.iterations:
                     stopped = {"iteration": it + 1, "reason": f"concept score {scores[-1][1]:.3f} reached "

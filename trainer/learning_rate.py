@@ -4,9 +4,9 @@ A fixed rate cannot fit every model: ESD's 1e-5 is its rate for full deltas on a
 factors move the concept score 12-15x slower than that on an SD1.5-sized UNet, and on the benchmark's small
 worlds 1e-5 moves it by 0.01-0.03 in 300 iterations, where they need about 3e-4. With min_score_rise > 0 (off by
 default: on the demo world it erased less than a fixed 3e-4, see RESULTS.md) training starts at learning_rate and,
-every WINDOW iterations, measures the held-out concept score (erasure_score.py): while it rose
-less than min_score_rise per 100 iterations over the window, the rate is doubled, up to MAX_FACTOR times
-learning_rate. The first window that rises fast enough fixes the rate for the rest of the run; it is never lowered.
+every WINDOW iterations, measures the held-out concept score (erasure_score.py): while it rose less than
+min_score_rise per 100 iterations over the window, the rate is doubled, up to MAX_FACTOR times learning_rate. The
+first window that rises fast enough fixes the rate for the rest of the run; it is never lowered.
 """
 from __future__ import annotations
 
