@@ -56,12 +56,13 @@ FULL = dict(iterations=1000, samples=24)  # 1000: the node's default
 QUICK = dict(iterations=150, samples=8)
 # Settings that differ from the node's widget defaults, and why:
 #   resolution: the world's (128 for 16x16 latents, in SD's 8x VAE terms; set from the world in train());
-#   learning_rate 3e-4: the node's 1e-5 is ESD's rate for an 860M-parameter UNet; on this 1.4M-parameter UNet
-#   it changes nothing (0% erased at 150 iterations), 1e-4 erases ~90%, 3e-4 ~95-100%, 1e-3 starts to hurt
-#   (sweep on the first world with full deltas, see RESULTS.md). The default rank-32 factors erase as well as
-#   full deltas at this same rate (rank sweep in RESULTS.md). erasure_worlds.py --set learning_rate=1e-5
-#   min_score_rise=0.2 lets the trainer raise the rate itself instead (RESULTS.md: it erases less on the demo world).
-WORLD_SETTINGS = dict(learning_rate=3e-4)
+#   learning_rate 3e-4 with factor_alpha rank and a fixed rate (min_score_rise 0): the recipe every table of this
+#   benchmark in RESULTS.md was measured with, from before the node's defaults could train this world. Then the
+#   node's 1e-5 (ESD's rate for full deltas on an 860M-parameter UNet) changed nothing here (0% erased at 150
+#   iterations), 1e-4 erased ~90%, 3e-4 ~95-100%, 1e-3 started to hurt (sweep on the first world with full deltas);
+#   rank-32 factors with alpha = rank erased as well as full deltas at that rate (rank sweep). The node's defaults
+#   now (factor_alpha fan_in, min_score_rise 0.2) find a rate themselves: erasure_worlds.py measures them.
+WORLD_SETTINGS = dict(learning_rate=3e-4, factor_alpha="rank", min_score_rise=0.0)
 FULL_DELTAS = dict(rank=0)
 
 
@@ -130,14 +131,16 @@ def concept_caption(concept: str) -> str:
     return concept if concept in COLOURS else f"a {concept}"
 
 
-def train(world, settings: dict, concepts, preserve=None):
-    """Train Concept Erasure's own function, under inference mode as ComfyUI runs nodes.
+def train(world, settings: dict, concepts, preserve=None, recipe=None):
+    """Train Concept Erasure's own function, under inference mode as ComfyUI runs nodes, with the node's widget
+    defaults, then `recipe` (default WORLD_SETTINGS; {} = the node's defaults), then `settings`.
     Returns (erased MODEL, erasure, seconds, the node's inputs; preserve as its prompts)."""
     import torch
 
     from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
 
-    kwargs = dict(host.widget_defaults(TrainConceptErasure), **WORLD_SETTINGS, resolution=world.resolution)
+    kwargs = dict(host.widget_defaults(TrainConceptErasure), **(WORLD_SETTINGS if recipe is None else recipe),
+                  resolution=world.resolution)
     kwargs.update(settings, concept_label="\n".join(concepts))
     concept = combine(*(world.conditioning(concept_caption(c)) for c in concepts))
     kept = [f"a {o}" for o in preserve or ()]

@@ -10,9 +10,9 @@ shape and text-encoder depth; each has its own classifier and its own concept to
   deep    16x16, two transformer blocks per attention site, 3 text layers (benchmarks/worlds/deep.safetensors)  "red"
   large   32x32 latents, 3 levels, attention at 8x8 only, 2 text layers (benchmarks/worlds/large.safetensors) "a cross"
 
-Every erasure goes through Train Concept Erasure's own function with the node's widget defaults except those of
-erasure_quality.py (learning_rate 3e-4, resolution the world's), one per training seed; `--set learning_rate=1e-5
-min_score_rise=0.2` lets the trainer raise the rate itself from the node's 1e-5 instead. Columns:
+Every erasure goes through Train Concept Erasure's own function with the node's widget defaults and the world's
+resolution, one per training seed (`--recipe world`: erasure_quality.py's fixed recipe instead, learning_rate
+3e-4 with factor_alpha rank, the settings of the tables measured before the defaults changed). Columns:
 
   erased     share of the samples for the concept's prompts that do NOT show it: "a {colour} square" and
              "a square" for an object; "a red {object}" for the colour, where showing it means a red image
@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-original", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--threads", type=int, default=host.threads_from_env())
+    parser.add_argument("--recipe", choices=("defaults", "world"), default="defaults",
+                        help="defaults: the node's; world: erasure_quality.py's WORLD_SETTINGS (lr 3e-4, alpha rank)")
     opts = parser.parse_args(argv)
     host.setup(opts.threads)
     import torch
@@ -127,6 +129,7 @@ def main(argv=None) -> int:
 
     from erasure_quality import WORLD_SETTINGS, measure, parse_overrides, train
 
+    recipe = WORLD_SETTINGS if opts.recipe == "world" else {}
     common = parse_overrides(opts.set)
     if opts.iterations:
         common["iterations"] = opts.iterations
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
         sets = concept_sets(concept)
         colour = concept if concept in COLOURS else None
         print(f"world {name} ({world.spec.notes}): {world.metadata.get('command', '?')}; concept {concept!r}; "
-              f"node inputs {dict(WORLD_SETTINGS, resolution=world.resolution, **common)}; "
+              f"node inputs: defaults and {dict(recipe, resolution=world.resolution, **common)}; "
               f"torch threads {torch.get_num_threads()}", flush=True)
         if not opts.no_original:
             r = rates(measure(world, world.model, sets, opts.samples, with_scores=False, erased_colour=colour))
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
         for method in [m for m in opts.methods.split(",") if m]:
             per_seed, seconds = [], []
             for seed in seeds:
-                model, erasure, took, used = train(world, dict(common, method=method, seed=seed), [concept])
+                model, erasure, took, used = train(world, dict(common, method=method, seed=seed), [concept],
+                                                   recipe=recipe)
                 r = rates(measure(world, model, sets, opts.samples, with_scores=False, erased_colour=colour))
                 r["scores"] = erasure.settings.get("concept_scores", [])
                 r["stopped"] = erasure.settings.get("stopped")

@@ -7,12 +7,12 @@ weights (torch's default init) and random CLIP-sized contexts (77 x 768, RMS 1),
 Erasure's own function, and the trainer's held-out concept score (0 = unchanged, 1 = ESD's target; the
 Concept Erasure Report's 'toward ESD target') is measured every --every iterations:
 
-  esd_x, full deltas, 1e-5, fixed   ESD's recipe, the reference
-  lp, node defaults                  rank-32 factors at 1e-5
-  lp, min_score_rise 0.2             the same, the rate raised while the score rises less than 0.2 per 100 its
-  lp, ..., alpha = fan_in            a what-if, not the trainer's: the factors' product scaled by fan_in / rank
-                                     instead of 1 (kohya alpha = fan_in), so that an Adam step on them changes a
-                                     layer's output about as much as a step on a full delta at the same rate
+  esd_x, full deltas, 1e-5, fixed        ESD's recipe, the reference
+  lp, rank 32, alpha rank                  factors scaled by 1 (kohya alpha = rank)
+  lp, rank 32, alpha fan_in                factors scaled by fan_in / rank (factor_alpha fan_in), so that an Adam
+                                           step on them changes a layer's output about as much as a step on a full
+                                           delta at the same rate
+  ..., min_score_rise 0.2                  the rate raised while the score rises less than 0.2 per 100 its
 
   .venv/bin/python benchmarks/rate_across_sizes.py                  # CPU: 16x16 latents, 40 iterations
   .venv/bin/python benchmarks/rate_across_sizes.py --gpu --iterations 200 --resolution 512
@@ -20,7 +20,6 @@ Concept Erasure Report's 'toward ESD target') is measured every --every iteratio
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -31,35 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_host as host  # noqa: E402
 
 RUNS = [
-    ("esd_x, full deltas, 1e-5 (ESD)", dict(method="esd_x", rank=0, learning_rate=1e-5, min_score_rise=0.0), False),
-    ("lp, node defaults (rank 32, 1e-5)", dict(method="lp"), False),
-    ("lp, min_score_rise 0.2", dict(method="lp", min_score_rise=0.2), False),
-    ("lp, node defaults, alpha = fan_in", dict(method="lp"), True),
+    ("esd_x, full deltas, 1e-5 (ESD)", dict(method="esd_x", rank=0, learning_rate=1e-5, min_score_rise=0.0,
+                                           factor_alpha="rank")),
+    ("lp, rank 32, alpha rank, 1e-5", dict(method="lp", factor_alpha="rank", min_score_rise=0.0)),
+    ("lp, rank 32, alpha rank, min_score_rise 0.2", dict(method="lp", factor_alpha="rank", min_score_rise=0.2)),
+    ("lp, rank 32, alpha fan_in, 1e-5", dict(method="lp", factor_alpha="fan_in", min_score_rise=0.0)),
+    ("lp, rank 32, alpha fan_in, min_score_rise 0.2", dict(method="lp", factor_alpha="fan_in", min_score_rise=0.2)),
 ]
-
-
-@contextlib.contextmanager
-def alpha_fan_in():
-    """The what-if row: every LoRA factor pair trained with alpha = its layer's fan_in."""
-    from comfyui_concept_erasure.trainer import iteration
-    from comfyui_concept_erasure.trainer.deltas import DeltaSet
-
-    class FanInDeltas(DeltaSet):
-        def _output(self, key, module, x):
-            fan_in = module.weight[0].numel()
-            return super()._output(key, module, x) * (fan_in / self.alpha)
-
-        def export(self):
-            exported = super().export()
-            for key, delta in exported.items():
-                delta.alpha = float(self.layers[key].weight[0].numel())
-            return exported
-
-    iteration.DeltaSet = FanInDeltas
-    try:
-        yield
-    finally:
-        iteration.DeltaSet = DeltaSet
 
 
 def main(argv=None) -> int:
@@ -71,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", action="store_true", help="fp16 weights on CUDA")
     p.add_argument("--json", type=Path)
     p.add_argument("--threads", type=int, default=host.threads_from_env(2))
+    p.add_argument("--only", default="", help="comma-separated words: the runs whose label holds one (ESD always)")
     a = p.parse_args(argv)
     host.setup(a.threads)
     import torch
@@ -90,11 +68,12 @@ def main(argv=None) -> int:
     print(f"SD1.5-sized UNet, {params:.0f} M parameters, random weights, {a.resolution} px, {device}, "
           f"{torch.get_num_threads()} threads; {a.iterations} iterations, score every {a.every}", flush=True)
     rows = []
-    for label, settings, fan_in in RUNS:
+    runs = [r for i, r in enumerate(RUNS) if i == 0 or not a.only or any(w in r[0] for w in a.only.split(","))]
+    for label, settings in runs:
         inputs = dict(host.widget_defaults(TrainConceptErasure), iterations=a.iterations, score_every=a.every,
                       resolution=a.resolution, sampling_steps=a.sampling_steps, concept_label="concept", **settings)
         started = time.time()
-        with torch.inference_mode(), (alpha_fan_in() if fan_in else contextlib.nullcontext()):
+        with torch.inference_mode():
             _, erasure, _ = TrainConceptErasure().train(model, concept, uncond, **inputs)
         st = erasure.settings
         rows.append(dict(label=label, scores=st["concept_scores"], rate=st["learning_rate_used"],

@@ -160,6 +160,8 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=30, help="iterations of each measured run")
     p.add_argument("--cpu-check", action="store_true", help="counted vs the CPU allocator on the real SD1.5 UNet")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--measured-only", action="store_true",
+                   help="with --gpu / --cpu-check: skip the counted table (each measured row has its count)")
     a = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
     bootstrap(cpu=not a.gpu, threads=a.threads)
@@ -168,7 +170,8 @@ def main(argv=None):
     families = [f for f in a.families.split(",") if f]
     configs = [parse_config(c) for c in a.configs.split(",") if c]
     print(f"torch {torch.__version__}; counted as loaded on a GPU: fp16 weights, dtype auto, default settings")
-    counted_table(families, configs)
+    if not (a.measured_only and (a.gpu or a.cpu_check)):
+        counted_table(families, configs)
     if a.cpu_check:
         print("\nCPU check: real SD1.5 UNet (random fp32 weights), 256 px, 2 iterations, sampling_steps 2")
         measured_table(["sd15"], configs, "cpu", 2, resolution=256)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..erasure import apply_erasure
 from ..erasure.concept_erasure import PLACEMENTS
-from ..trainer import CHECKPOINTING, DTYPES, METHODS, TrainSettings, draw_loss_curves, train_erasure
+from ..trainer import CHECKPOINTING, DTYPES, FACTOR_ALPHAS, METHODS, TrainSettings, draw_loss_curves, train_erasure
 from .types import CATEGORY, CONCEPT_ERASURE
 
 _DEFAULTS = TrainSettings()
@@ -59,11 +59,11 @@ class TrainConceptErasure:
                            "(needs rank > 0)."}),
                 "iterations": _int(d.iterations, 1, 100000, "Training iterations (optimizer steps)."),
                 "learning_rate": _float(d.learning_rate, 1e-8, 1.0, 1e-7,
-                                        "Adam learning rate of the weight deltas: ESD's 1e-5, its rate for full "
-                                        "deltas on SD1.5. Small UNets need more (3e-4 on the pack's benchmark), and "
-                                        "on an SD1.5-sized UNet rank-32 factors at 1e-5 move the concept 12-15x "
-                                        "slower than ESD's full deltas (see the pack's RESULTS.md); min_score_rise "
-                                        "can raise it by itself."),
+                                        "Adam learning rate of the weight deltas where training starts: ESD's 1e-5, "
+                                        "its rate for full deltas on SD1.5. With factor_alpha fan_in, rank > 0 "
+                                        "factors step as full deltas do at the same rate, and min_score_rise raises "
+                                        "it on models that need more (the pack's small test models: 4e-5 to "
+                                        "1.6e-4)."),
                 "prompt_learning_rate": _float(d.prompt_learning_rate, 1e-8, 1.0, 1e-7,
                                                "Adam learning rate of the prompt tokens (lp methods)."),
                 "negative_guidance": _float(d.negative_guidance, 0.0, 10.0, 0.1,
@@ -144,9 +144,16 @@ class TrainConceptErasure:
                                          "Raise a learning rate too small for the model (0 = off, learning_rate "
                                          "fixed): every 10 iterations at the start the concept score is measured on "
                                          "held-out images, and while it rose less than this per 100 iterations the "
-                                         "rate is doubled, at most 32x; the first 10 iterations that rise this fast "
-                                         "fix it. The rate used is stored in the file. 0.2 took 1e-5 to 8e-5-3.2e-4 "
-                                         "on the pack's small models, but erased less there than a fixed 3e-4."),
+                                         "rate is doubled, at most 32x, with the prompt (lp) held still; the first 10 "
+                                         "iterations that rise this fast fix it. The rate used is stored in the file. "
+                                         "On an SD1.5-sized UNet 1e-5 rises fast enough and is kept."),
+                "factor_alpha": (list(FACTOR_ALPHAS), {
+                    "default": d.factor_alpha,
+                    "tooltip": "How rank > 0 factors are scaled (kohya alpha, stored per layer in the file). fan_in: "
+                               "by each layer's fan_in / rank, so that a step of learning_rate changes a layer as "
+                               "much as a step on a full delta (rank 0) does, as in ESD. rank: by 1, the usual LoRA "
+                               "scale; on an SD1.5-sized UNet such rank-32 factors train about 5x slower at the same "
+                               "rate (the pack's RESULTS.md)."}),
             },
         }
 
@@ -157,7 +164,8 @@ class TrainConceptErasure:
               adversarial_steps=_DEFAULTS.adversarial_steps, adversarial_every=_DEFAULTS.adversarial_every,
               adversarial_tokens=_DEFAULTS.adversarial_tokens,
               adversarial_learning_rate=_DEFAULTS.adversarial_learning_rate, score_every=_DEFAULTS.score_every,
-              stop_at_score=_DEFAULTS.stop_at_score, min_score_rise=_DEFAULTS.min_score_rise):
+              stop_at_score=_DEFAULTS.stop_at_score, min_score_rise=_DEFAULTS.min_score_rise,
+              factor_alpha=_DEFAULTS.factor_alpha):
         settings = TrainSettings(
             method=method, iterations=iterations, learning_rate=learning_rate,
             prompt_learning_rate=prompt_learning_rate, negative_guidance=negative_guidance,
@@ -167,7 +175,8 @@ class TrainConceptErasure:
             rank=rank, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
             adversarial_steps=adversarial_steps, adversarial_every=adversarial_every,
             adversarial_tokens=adversarial_tokens, adversarial_learning_rate=adversarial_learning_rate,
-            score_every=score_every, stop_at_score=stop_at_score, min_score_rise=min_score_rise)
+            score_every=score_every, stop_at_score=stop_at_score, min_score_rise=min_score_rise,
+            factor_alpha=factor_alpha)
         result = train_erasure(model, concept, unconditional, preserve, settings, concept_label)
         curves = draw_loss_curves(result.losses, scores=result.scores, stop_at=stop_at_score)
         return (apply_erasure(model, result.erasure), result.erasure, curves)

@@ -238,9 +238,9 @@ DEMO_CONCEPT = "a square"
 DEMO_PROMPTS = (("a red square", "erased"), ("a green box", "erased, synonym never trained"),
                 ("a blue circle", "kept"), ("a yellow cross", "kept"), ("a red triangle", "kept"))
 DEMO_SEED = 42
-# What the world needs changed from the trainer's defaults: its 16x16 latents are 128 px, and its UNet is 1.4 M
-# parameters instead of 860 M, so it needs a larger step (benchmarks/erasure_quality.py uses the same two values).
-DEMO_TRAINING = {"resolution": 128, "learning_rate": 3e-4}
+# What the world needs changed from the trainer's defaults: its 16x16 latents are 128 px. Its 1.4 M-parameter UNet
+# needs a larger step than SD1.5's, which the trainer finds itself (min_score_rise, on by default).
+DEMO_TRAINING = {"resolution": 128}
 DEMO_REPORT = {"steps": 20, "width": 128, "height": 128, "cfg": 4.0}
 
 
@@ -272,8 +272,8 @@ DEMO = dict(
             "Load Demo World is a tiny model (1.4 M-parameter UNet) that draws one coloured shape (circle, square, "
             "triangle, cross, ring) from prompts like 'a red square'. It comes with the pack and runs on a CPU.\n\n"
             "1. Queue. Train Concept Erasure learns to stop drawing 'a square' (1000 iterations, about 1-2 min "
-            "on a CPU; the trainer's defaults except resolution 128 and learning rate 3e-4, which this tiny "
-            "model needs).\n"
+            "on a CPU; the trainer's defaults except resolution 128, this tiny model's size; the trainer raises "
+            "the learning rate itself for a model this small).\n"
             "2. The grid: rows = the prompts on the left, left column = the original model, right = the erased "
             "one, same seed. Squares and boxes become other shapes; circles, crosses and triangles stay.\n"
             "3. The erasure is saved as models/concept_erasure/demo_square_00001_.safetensors (Load Concept "

@@ -2,7 +2,7 @@
 
 Runs workflows/demo_world_erasure.json through the real server (started in .demo/, stopped at the end): Load Demo
 World (a tiny model that draws coloured shapes, shipped with the pack) -> Train Concept Erasure on "a square" with
-the trainer's defaults (resolution 128 and learning rate 3e-4 for the tiny model) -> Concept Erasure Report, the
+the trainer's defaults (resolution 128 for the tiny model) -> Concept Erasure Report, the
 original and the erased model side by side. Then the world's own classifier reads every image of that grid and
 the demo prints what it sees, with the report's scores.
 

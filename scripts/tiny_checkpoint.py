@@ -36,11 +36,11 @@ def _torch_default_init(module, seed: int) -> None:
                 break
 
 
-def _unet_state_dict():
+def _unet_state_dict(unet_config=None):
     import comfy.model_base
     import comfy.supported_models
 
-    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(dict(UNET_CONFIG)), device="cpu")
+    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(dict(unet_config or UNET_CONFIG)), device="cpu")
     _torch_default_init(model.diffusion_model, seed=1)
     return {f"model.diffusion_model.{k}": v for k, v in model.diffusion_model.state_dict().items()}
 
@@ -64,14 +64,15 @@ def _vae_state_dict():
     return {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
 
 
-def make_tiny_sd15_checkpoint(path: str) -> str:
-    """Write the checkpoint to `path` (a temporary name first, so a crash leaves no half file). Returns path."""
+def make_tiny_sd15_checkpoint(path: str, unet_config=None) -> str:
+    """Write the checkpoint to `path` (a temporary name first, so a crash leaves no half file). Returns path.
+    unet_config: another SD1.5-detectable UNet (e.g. sd_architectures.SD15_UNET, the full 860 M one, ~2 GB)."""
     import torch
     from safetensors.torch import save_file
 
     state = {}
     with torch.no_grad():
-        for part in (_unet_state_dict, _clip_state_dict, _vae_state_dict):
+        for part in (lambda: _unet_state_dict(unet_config), _clip_state_dict, _vae_state_dict):
             for key, value in part().items():
                 state[key] = value.detach().to(torch.float16).contiguous()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -6,11 +6,12 @@ import torch
 
 from comfyui_concept_erasure.erasure import ErasureError
 from comfyui_concept_erasure.trainer import TrainSettings, train_erasure
+from comfyui_concept_erasure.trainer.deltas import DeltaSet
 from comfyui_concept_erasure.trainer.learning_rate import MAX_FACTOR, WINDOW, RateRaise
 from tiny_models import CONTEXT_DIM, build_model
 
 FAST = dict(sampling_steps=6, resolution=128, trajectory_refresh=5, rank=32, method="esd_x", learning_rate=1e-6,
-            score_every=0)
+            score_every=0, factor_alpha="rank")  # alpha rank: 1e-6 is far too small for this tiny model
 
 
 def raise_with(scores, min_rise=0.2, lr=1e-5):
@@ -70,3 +71,65 @@ def test_a_rate_too_small_for_the_model_is_raised_until_the_concept_score_moves(
     # the raised rate moves the score many times as far as the fixed one in the same iterations
     assert raised.scores[-1][1] > 5 * fixed.scores[-1][1] > 0, (fixed.scores, raised.scores)
     assert fixed.erasure.settings["learning_rate_used"] == 1e-6 and fixed.erasure.settings["learning_rate_raises"] == []
+
+
+def test_other_groups_are_held_still_until_the_rate_is_fixed_then_get_their_rate_back():
+    prompt = {"lr": 1e-3}
+    rate = RateRaise({"lr": 1e-5}, 0.2, [prompt])
+    assert prompt["lr"] == 0.0
+    rate.update(WINDOW, 0.001)  # too slow: doubled, the prompt still held
+    assert prompt["lr"] == 0.0 and rate.active
+    rate.update(2 * WINDOW, 0.5)  # fast enough: the rate is fixed and the prompt learns at its own rate
+    assert prompt["lr"] == 1e-3 and not rate.active
+    fixed_prompt = {"lr": 1e-3}
+    RateRaise({"lr": 1e-5}, 0.0, [fixed_prompt])
+    assert fixed_prompt["lr"] == 1e-3  # min_score_rise 0: nothing is held
+
+
+def test_lp_prompt_does_not_move_while_the_rate_is_raised(world, monkeypatch):
+    from comfyui_concept_erasure.trainer import erasure_loop
+
+    start = {}
+    original_build = erasure_loop.build_trainables
+
+    def build(*args, **kwargs):
+        parts = original_build(*args, **kwargs)
+        start["prompt_k"] = parts.prompt.prompt_k.detach().float().cpu().clone()
+        return parts
+
+    monkeypatch.setattr(erasure_loop, "build_trainables", build)
+    held = train(world, method="lp", iterations=WINDOW, min_score_rise=100.0)  # never fast enough in 10
+    assert held.erasure.settings["learning_rate_raises"]  # still raising when it ended
+    assert torch.equal(held.erasure.prompt_k, start["prompt_k"])
+    moved = train(world, method="lp", iterations=WINDOW, min_score_rise=0.0)  # same seed, same first prompt
+    assert not torch.equal(moved.erasure.prompt_k, start["prompt_k"])
+
+
+def one_adam_step(rank, factor_alpha, fan_in=768, fan_out=320):
+    """How far one Adam step (lr 1e-3) on the layer's deltas moves its output, and the deltas it exports."""
+    layer = torch.nn.Linear(fan_in, fan_out, bias=False)
+    deltas = DeltaSet({"w": layer}, rank, torch.Generator().manual_seed(0), "cpu", factor_alpha)
+    x = torch.randn(4, fan_in, generator=torch.Generator().manual_seed(1))
+    direction = torch.randn(4, fan_out, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.Adam(deltas.parameters(), lr=1e-3)
+    with deltas.attached(), deltas.switched(True):
+        before = layer(x).detach()
+        (layer(x) * direction).sum().backward()
+        optimizer.step()
+        after = layer(x).detach()
+    return (after - before).norm() / before.norm(), deltas.export()["w"], layer, x, after
+
+
+def test_fan_in_factors_step_like_full_deltas_and_export_what_they_trained():
+    full, *_ = one_adam_step(0, "rank")
+    by_rank, *_ = one_adam_step(32, "rank")
+    by_fan_in, exported, layer, x, trained = one_adam_step(32, "fan_in")
+    # alpha = rank: a step moves the output by about rank / fan_in (32 / 768) of a full delta's step
+    assert by_rank < 0.1 * full, (by_rank, full)
+    assert 0.5 * full < by_fan_in < 2 * full, (by_fan_in, full)
+    # the file holds alpha = fan_in, and its delta reproduces what was trained
+    assert exported.alpha == 768.0 and exported.rank == 32
+    with torch.no_grad():
+        torch.testing.assert_close(x @ (layer.weight + exported.full()).T, trained, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ErasureError, match="factor_alpha must be one of rank, fan_in"):
+        TrainSettings(factor_alpha="sqrt").validate()

@@ -9,7 +9,8 @@ from comfyui_concept_erasure.trainer import TrainSettings, train_erasure
 from comfyui_concept_erasure.trainer import erasure_score
 from tiny_models import CONTEXT_DIM, build_model
 
-FAST = dict(sampling_steps=6, resolution=128, trajectory_refresh=5, rank=0, method="esd_x", learning_rate=3e-4)
+FAST = dict(sampling_steps=6, resolution=128, trajectory_refresh=5, rank=0, method="esd_x", learning_rate=3e-4,
+            min_score_rise=0.0)  # a fixed rate: the score is measured only where score_every says
 
 
 def cond(seed):
@@ -77,7 +78,7 @@ def test_the_node_draws_the_score_on_the_loss_curves(world):
     args = dict(method="esd_x", iterations=10, learning_rate=3e-4, prompt_learning_rate=1e-3, negative_guidance=2.0,
                 prompt_tokens=2, placement="mid", erase_weight=1.0, key_weight=0.1, preserve_weight=1.0,
                 sampling_steps=4, sampling_cfg=3.0, trajectory_refresh=5, batch_size=1, resolution=128, seed=0,
-                rank=0, dtype="auto")
+                rank=0, dtype="auto", min_score_rise=0.0)
     with torch.inference_mode():
         scored = node.train(model, concept, uncond, score_every=5, **args)[2]
         unscored = node.train(model, concept, uncond, score_every=0, **args)[2]

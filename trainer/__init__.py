@@ -21,7 +21,7 @@ from .attack import AttackResult, AttackSettings, attack_erasure
 from .erasure_loop import TrainingError, TrainingResult, train_erasure
 from .loss_plot import draw_loss_curves
 from .memory_plan import MemoryPlan, TrainingMemoryError
-from .settings import CHECKPOINTING, DTYPES, METHODS, TrainSettings
+from .settings import CHECKPOINTING, DTYPES, FACTOR_ALPHAS, METHODS, TrainSettings
 
 __all__ = ["AttackResult", "AttackSettings", "attack_erasure", "TrainingError", "TrainingResult", "train_erasure", "draw_loss_curves", "MemoryPlan",
-           "TrainingMemoryError", "CHECKPOINTING", "DTYPES", "METHODS", "TrainSettings"]
+           "TrainingMemoryError", "CHECKPOINTING", "DTYPES", "FACTOR_ALPHAS", "METHODS", "TrainSettings"]

@@ -3,6 +3,10 @@
 The student is the model with the deltas switched on: each target layer's output gets F.linear / F.conv2d of
 its input with the delta (full tensor) or with the LoRA factors (delta = up @ down * alpha / rank, the kohya
 convention of erasure.LowRankDelta). Switched off, the same module is the frozen teacher.
+
+alpha "rank" scales the factors' product by 1; alpha "fan_in" by the layer's fan_in / rank, so that one Adam step
+on the factors changes the layer's output about as much as a step at the same rate on a full delta (which moves
+each of its fan_in weights per output by about the rate); learning_rate then means the same for any rank.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..erasure.concept_erasure import Delta, ErasureError, LowRankDelta
+from .settings import FACTOR_ALPHAS
 
 ATTN2_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 _ESD_U_EXCLUDED_PREFIXES = ("time_embed.", "label_emb.", "out.")
@@ -41,12 +46,15 @@ def target_layers(unet: torch.nn.Module, method: str) -> Dict[str, torch.nn.Modu
 
 
 class DeltaSet:
-    """The trainable deltas of one run (rank 0: full tensors; rank > 0: LoRA factors with alpha = rank)."""
+    """The trainable deltas of one run (rank 0: full tensors; rank > 0: LoRA factors, alpha per factor_alpha)."""
 
-    def __init__(self, layers: Dict[str, torch.nn.Module], rank: int, generator: torch.Generator, device):
+    def __init__(self, layers: Dict[str, torch.nn.Module], rank: int, generator: torch.Generator, device,
+                 factor_alpha: str = "fan_in"):
+        if factor_alpha not in FACTOR_ALPHAS:
+            raise ErasureError(f"factor_alpha must be one of {', '.join(FACTOR_ALPHAS)}, got {factor_alpha!r}")
         self.layers = layers
         self.rank = rank
-        self.alpha = float(rank)
+        self.alphas: Dict[str, float] = {}
         self.enabled = False
         self.full: Dict[str, torch.nn.Parameter] = {}
         self.up: Dict[str, torch.nn.Parameter] = {}
@@ -62,6 +70,7 @@ class DeltaSet:
                 for s in shape[1:]:
                     fan_in *= s
                 down = torch.randn((rank, *shape[1:]), generator=generator) / fan_in ** 0.5
+                self.alphas[key] = float(fan_in if factor_alpha == "fan_in" else rank)
                 self.down[key] = torch.nn.Parameter(down.to(device))
                 self.up[key] = torch.nn.Parameter(torch.zeros((shape[0], rank), device=device))
 
@@ -76,7 +85,7 @@ class DeltaSet:
                 return F.conv2d(x, delta, None, module.stride, module.padding, module.dilation)
             return F.linear(x, delta)
         down, up = self.down[key].to(x.dtype), self.up[key].to(x.dtype)
-        scale = self.alpha / self.rank
+        scale = self.alphas[key] / self.rank
         if conv:
             hidden = F.conv2d(x, down, None, module.stride, module.padding, module.dilation)
             return F.conv2d(hidden, up[:, :, None, None]) * scale
@@ -111,4 +120,4 @@ class DeltaSet:
         if self.rank == 0:
             return {k: p.detach().float().cpu().clone() for k, p in self.full.items()}
         return {k: LowRankDelta(self.up[k].detach().float().cpu().clone(), self.down[k].detach().float().cpu().clone(),
-                                self.alpha) for k in self.layers}
+                                self.alphas[k]) for k in self.layers}

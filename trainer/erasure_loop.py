@@ -195,7 +195,7 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
         scorer = HeldOutScore(denoiser, concepts_c, uncond_c, latent_shape, timesteps, sigmas, all_sigmas,
                               s.sampling_cfg, s.seed, base.model_sampling, check_interrupt) \
             if s.score_every or s.min_score_rise else None
-        rate = RateRaise(parts.optimizer.param_groups[0], s.min_score_rise)
+        rate = RateRaise(parts.optimizer.param_groups[0], s.min_score_rise, parts.optimizer.param_groups[1:])
         pool = None
         for it in range(s.iterations):
             check_interrupt()

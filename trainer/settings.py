@@ -12,6 +12,7 @@ METHODS = ("lp", "lp_attached", "esd_x", "esd_u")
 PROMPT_METHODS = ("lp", "lp_attached")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINTING = ("auto", "on", "off")
+FACTOR_ALPHAS = ("rank", "fan_in")
 MAX_SAMPLING_STEPS = 1000
 
 
@@ -44,7 +45,8 @@ class TrainSettings:
     adversarial_learning_rate: float = 1e-2
     score_every: int = 50
     stop_at_score: float = 0.0
-    min_score_rise: float = 0.0
+    min_score_rise: float = 0.5
+    factor_alpha: str = "fan_in"
 
     @property
     def uses_prompt(self) -> bool:
@@ -68,6 +70,7 @@ class TrainSettings:
         _choice("placement", self.placement, PLACEMENTS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
+        _choice("factor_alpha", self.factor_alpha, FACTOR_ALPHAS)
         _at_least("iterations", self.iterations, 1)
         _at_least("sampling_steps", self.sampling_steps, 1)
         if self.sampling_steps > MAX_SAMPLING_STEPS:
