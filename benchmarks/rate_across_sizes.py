@@ -1,21 +1,21 @@
 """The learning rate on an SD1.5-sized UNet: does the trainer's default move the concept as fast as ESD's recipe?
 
 ESD's 1e-5 is its rate for full attn2 deltas on SD1.5's 860 M-parameter UNet; the node's default is the same 1e-5
-for rank-32 factors. min_score_rise (off by default) raises the rate while the concept score barely moves
-(trainer/learning_rate.py). Here, on the SD1.5 UNet with random
-weights (torch's default init) and random CLIP-sized contexts (77 x 768, RMS 1), each run is Train Concept
-Erasure's own function, and the trainer's held-out concept score (0 = unchanged, 1 = ESD's target; the
-Concept Erasure Report's 'toward ESD target') is measured every --every iterations:
+for rank-32 factors scaled by fan_in / rank (factor_alpha fan_in), with min_score_rise raising the rate where the
+concept score barely moves (trainer/learning_rate.py). Here, on the SD1.5 UNet with random weights (torch's
+default init) and random CLIP-sized contexts (77 x 768, RMS 1), each run is Train Concept Erasure's own function,
+and the trainer's held-out concept score (0 = unchanged, 1 = ESD's target; the Concept Erasure Report's 'toward
+ESD target') is measured every --every iterations:
 
-  esd_x, full deltas, 1e-5, fixed        ESD's recipe, the reference
-  lp, rank 32, alpha rank                  factors scaled by 1 (kohya alpha = rank)
-  lp, rank 32, alpha fan_in                factors scaled by fan_in / rank (factor_alpha fan_in), so that an Adam
-                                           step on them changes a layer's output about as much as a step on a full
-                                           delta at the same rate
-  ..., min_score_rise 0.2                  the rate raised while the score rises less than 0.2 per 100 its
+  esd_x, full deltas, 1e-5, fixed    ESD's recipe, the reference
+  lp, rank 32, alpha rank            factors scaled by 1 (kohya alpha = rank), the default before
+  lp, rank 32, alpha fan_in          factors scaled by fan_in / rank (the default), so that an Adam step on them
+                                     changes a layer's output about as much as a step on a full delta at the same
+                                     rate
+  ..., min_score_rise 0.2            the rate raised while the score rises less than 0.2 per 100 its
 
   .venv/bin/python benchmarks/rate_across_sizes.py                  # CPU: 16x16 latents, 40 iterations
-  .venv/bin/python benchmarks/rate_across_sizes.py --gpu --iterations 200 --resolution 512
+  .venv/bin/python benchmarks/rate_across_sizes.py --gpu --resolution 512 --iterations 100 --every 10
 """
 from __future__ import annotations
 
