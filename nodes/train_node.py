@@ -152,8 +152,8 @@ class TrainConceptErasure:
                     "tooltip": "How rank > 0 factors are scaled (kohya alpha, stored per layer in the file). fan_in: "
                                "by each layer's fan_in / rank, so that a step of learning_rate changes a layer as "
                                "much as a step on a full delta (rank 0) does, as in ESD. rank: by 1, the usual LoRA "
-                               "scale; on an SD1.5-sized UNet such rank-32 factors train about 5x slower at the same "
-                               "rate (the pack's RESULTS.md)."}),
+                               "scale; on an SD1.5-sized UNet such rank-32 factors moved the concept 5-20x slower at "
+                               "the same rate (the pack's RESULTS.md)."}),
             },
         }
 
