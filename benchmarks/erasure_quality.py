@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/erasure_quality.py            # full: 1000 iterations, 24 samples per prompt
     .venv/bin/python benchmarks/erasure_quality.py --quick    # 150 iterations, 8 samples per prompt
+    .venv/bin/python benchmarks/erasure_quality.py --recipe defaults   # the node's own defaults, no WORLD_SETTINGS
     (times on one CPU thread are in RESULTS.md; BENCH_THREADS=n uses more threads, a GPU is used when present)
 
 The world (demo_world/, the pack's demo world, committed as demo_world/world.safetensors) is trained by
 benchmarks/train_demo_world.py. Every erasure here is trained through the pack's Train Concept Erasure node
-(its `train` function, with the node's widget defaults except WORLD_SETTINGS below) on the world's small
-SD1.5-family UNet; the concept is "a square". Each model then samples the same seeds for every test prompt and
-the world's classifier reads object and colour from each image:
+(its `train` function, with the node's widget defaults except WORLD_SETTINGS below; --recipe defaults: none) on
+the world's small SD1.5-family UNet; the concept is "a square". Each model then samples the same seeds for every
+test prompt and the world's classifier reads object and colour from each image:
 
   erased    share of samples for the erased object's prompts ("a red square", ..., "a square") that do NOT show it
   synonyms  the same for prompts using its synonym ("a red box", ..., "a box"), which the trainer never sees
@@ -86,26 +87,35 @@ def prompt_sets(erased_objects):
 _FIRST_SAMPLE = {}  # caption -> the original model's first sample (LATENT), for the report score
 
 
-def measure(world, model, sets, samples: int, with_scores: bool, erased_colour: str = None) -> dict:
+def measure(world, model, sets, samples: int, with_scores: bool, erased_colour: str = None,
+            erased_objects=None) -> dict:
     """Classifier rates (and report scores) for one model on the prompt sets; same seed for every prompt.
-    With `erased_colour` the erased concept is that colour (an attribute) rather than the erased prompts' objects."""
+    With `erased_colour` the erased concept is that colour (an attribute) rather than the erased prompts' objects
+    (or `erased_objects`, for sets without erased prompts)."""
     from comfyui_concept_erasure.demo_world.renderer import encode
     from comfyui_concept_erasure.demo_world.world import CFG, STEPS, read_prompt_samples, sample
 
     from comfyui_concept_erasure.report.concept_report import concept_scores
 
     uncond = world.unconditional()
-    erased_objects = set() if erased_colour else {obj for _, _, obj in sets["erased"]}
+    if erased_objects is None:
+        erased_objects = set() if erased_colour else {obj for _, _, obj in sets["erased"]}
     result, scores = {}, {}
     for name, prompts in sets.items():
         hits = colour_hits = total = as_erased = 0
         toward = []
-        per_object = {}
+        per_object, shown_by_key, drawn = {}, {}, {}
         reads = read_prompt_samples(world, model, [caption for caption, _, _ in prompts], SEED, samples)
         for (caption, colour, obj), (objects, colours) in zip(prompts, reads):
             hits += sum(o == obj for o in objects)
             per_object.setdefault(obj, []).extend(o == obj for o in objects)
-            as_erased += sum(o in erased_objects or c == erased_colour for o, c in zip(objects, colours))
+            shown = [o in erased_objects or c == erased_colour for o, c in zip(objects, colours)]
+            as_erased += sum(shown)
+            # keyed by what the concept is (the object, or the colour for a colour concept): for the floor
+            shown_by_key.setdefault(colour if erased_colour else obj, []).extend(shown)
+            for o, c in zip(objects, colours):
+                key = c if erased_colour else o
+                drawn[key] = drawn.get(key, 0) + 1
             colour_hits += sum(c == colour for c in colours) if colour else 0
             total += len(objects)
             if with_scores and model is not world.model:
@@ -118,7 +128,9 @@ def measure(world, model, sets, samples: int, with_scores: bool, erased_colour: 
         result[name] = {"object": hits / total if total else None,
                         "colour": colour_hits / coloured if coloured else None,
                         "as_erased": as_erased / total if total else None, "samples": total,
-                        "per_object": {o: sum(v) / len(v) for o, v in per_object.items()}}
+                        "per_object": {o: sum(v) / len(v) for o, v in per_object.items()},
+                        "as_erased_by_key": {k: sum(v) / len(v) for k, v in shown_by_key.items()},
+                        "drawn": drawn}
         scores[name] = sum(toward) / len(toward) if toward else None
     result["scores"] = scores
     return result
@@ -261,6 +273,8 @@ def main(argv=None) -> int:
     parser.add_argument("--world", type=Path, help="a world file other than the committed one")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--threads", type=int, default=host.threads_from_env())
+    parser.add_argument("--recipe", choices=("world", "defaults"), default="world",
+                        help="world: WORLD_SETTINGS (the tables' recipe); defaults: the node's own defaults")
     parser.add_argument("--attack", action="store_true", help="only the attack rows (see above)")
     parser.add_argument("--attack-iterations", type=int, default=ATTACK["iterations"])
     parser.add_argument("--attack-seeds", default=ATTACK["seeds"], help="comma-separated attack seeds")
@@ -278,7 +292,8 @@ def main(argv=None) -> int:
 
     mode = dict(QUICK if opts.quick else FULL)
     mode.update({k: getattr(opts, k) for k in ("iterations", "samples") if getattr(opts, k)})
-    common = dict(iterations=mode["iterations"], **parse_overrides(opts.set))
+    recipe = {} if opts.recipe == "world" else {k: host.widget_defaults(TrainConceptErasure)[k] for k in WORLD_SETTINGS}
+    common = dict(iterations=mode["iterations"], **{**recipe, **parse_overrides(opts.set)})
     world = load_world(opts.world) if opts.world else load_world()
     started = time.time()
     single, pair = prompt_sets([ERASED]), prompt_sets([ERASED, SECOND])

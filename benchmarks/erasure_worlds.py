@@ -24,6 +24,12 @@ resolution, one per training seed (`--recipe world`: erasure_quality.py's fixed 
   held-out score  the trainer's own concept score at the end, per seed (Train Concept Erasure's score_every: the
              Concept Erasure Report's 'toward ESD target' on held-out x_t; 0 = unchanged, 1 = ESD's target)
   rate used  the learning rate each seed's run ended with (min_score_rise doubles it while the score barely moves)
+  ceiling    how much 'erased' this world can show for the row's erasure (mean over seeds): an erasure turns the
+             concept into something else (a square into rings and crosses), and the original model's own samples
+             of those replacements are read as the concept now and then (on demo a cross prompt gives a square
+             ~3% of the time). ceiling = 1 - sum over replacements r of share(r) x P(original's samples for r are
+             read as the concept), with share(r) from the erased prompts' samples and P measured once per world on
+             the other prompts with --floor-samples per prompt. A row at its ceiling erases all the world resolves.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import bench_host as host  # noqa: E402
 
 WORLD_CONCEPTS = {"demo": "square", "deep": "red", "large": "cross"}  # an object, a colour, an object at 32x32
 SAMPLES = 16
+FLOOR_SAMPLES = 48  # per prompt, for the original model's confusion (the ceiling); 16 gives +-2 points on one object
 
 
 def concept_sets(concept: str) -> dict:
@@ -59,7 +66,28 @@ def rates(r: dict) -> dict:
         return None if shown is None else 1 - shown
 
     return {"erased": hidden("erased"), "synonyms": hidden("synonyms"), "kept_obj": r["kept"]["object"],
-            "kept_col": r["kept"]["colour"], "kept_as_erased": r["kept"]["as_erased"]}
+            "kept_col": r["kept"]["colour"], "kept_as_erased": r["kept"]["as_erased"], "drawn": r["erased"]["drawn"]}
+
+
+def confusion(world, sets, samples: int, colour) -> dict:
+    """The original model, on the prompts of everything but the concept: per prompted object (or colour), the share
+    of its samples read as the concept."""
+    from erasure_quality import measure
+
+    concept = set() if colour else {obj for _, _, obj in sets["erased"]}
+    kept = measure(world, world.model, {"kept": sets["kept"]}, samples, with_scores=False, erased_colour=colour,
+                   erased_objects=concept)["kept"]
+    return kept["as_erased_by_key"]
+
+
+def ceiling(drawn: dict, concept: str, confused: dict):
+    """The share of the erased prompts' samples that would not read as the concept if every replacement were drawn
+    as the original model draws it for its own prompt (see the module's docstring)."""
+    others = {k: n for k, n in drawn.items() if k != concept}
+    total = sum(others.values())
+    if not confused or not total:
+        return None
+    return 1 - sum(n * confused.get(k, 0.0) for k, n in others.items()) / total
 
 
 def cell(values) -> str:
@@ -93,7 +121,7 @@ def table(rows) -> str:
     from erasure_quality import pct
 
     lines = ["| world | concept | model | erased ↑ (per seed) | mean erased | mean synonyms | kept obj ↑ (per seed) | "
-             "mean kept obj | mean kept col | kept → erased ↓ | held-out score | rate used | train s |", "|" + "---|" * 13]
+             "mean kept obj | mean kept col | kept → erased ↓ | ceiling | held-out score | rate used | train s |", "|" + "---|" * 14]
     for row in rows:
         seeds, seconds = row["seeds"], row["train_s"]
         lines.append(
@@ -101,6 +129,7 @@ def table(rows) -> str:
             f"**{pct(mean(s['erased'] for s in seeds))}** | {pct(mean(s['synonyms'] for s in seeds))} | "
             f"{cell(s['kept_obj'] for s in seeds)} | **{pct(mean(s['kept_obj'] for s in seeds))}** | "
             f"{pct(mean(s['kept_col'] for s in seeds))} | {pct(mean(s['kept_as_erased'] for s in seeds))} | "
+            f"{pct(mean(s.get('ceiling') for s in seeds))} | "
             f"{final_scores(seeds)} | {rates_used(seeds)} | "
             f"{'–' if seconds is None else f'{seconds:.0f}'} |")
     return "\n".join(lines)
@@ -116,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="node inputs for every run")
     parser.add_argument("--concept", help="erase this object or colour on every world instead of its own")
     parser.add_argument("--no-original", action="store_true")
+    parser.add_argument("--floor-samples", type=int, default=FLOOR_SAMPLES,
+                        help="samples per prompt for the original's confusion (the ceiling column); 0 = no ceiling")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--threads", type=int, default=host.threads_from_env())
     parser.add_argument("--recipe", choices=("defaults", "world"), default="defaults",
@@ -134,14 +165,14 @@ def main(argv=None) -> int:
     if opts.iterations:
         common["iterations"] = opts.iterations
     seeds = [int(s) for s in opts.seeds.split(",") if s]
-    started, rows = time.time(), []
+    started, rows, confusions = time.time(), [], {}
 
     def add(row):
         rows.append(row)
         print(table([row]).splitlines()[-1], flush=True)
         if opts.json:
-            opts.json.write_text(json.dumps({"samples": opts.samples, "common": common, "rows": rows}, indent=1,
-                                            default=str))
+            opts.json.write_text(json.dumps({"samples": opts.samples, "common": common, "confusion": confusions,
+                                             "rows": rows}, indent=1, default=str))
 
     for name in [w for w in opts.worlds.split(",") if w]:
         world = load_world(host.world_file(name))
@@ -151,6 +182,10 @@ def main(argv=None) -> int:
         print(f"world {name} ({world.spec.notes}): {world.metadata.get('command', '?')}; concept {concept!r}; "
               f"node inputs: defaults and {dict(recipe, resolution=world.resolution, **common)}; "
               f"torch threads {torch.get_num_threads()}", flush=True)
+        confused = confusions[name] = confusion(world, sets, opts.floor_samples, colour) if opts.floor_samples else {}
+        if confused:
+            print(f"original, share read as {concept!r}: " + ", ".join(f"{k} {v:.3f}" for k, v in confused.items()),
+                  flush=True)
         if not opts.no_original:
             r = rates(measure(world, world.model, sets, opts.samples, with_scores=False, erased_colour=colour))
             add({"world": name, "concept": concept, "model": "original", "seeds": [r], "train_s": None})
@@ -160,6 +195,7 @@ def main(argv=None) -> int:
                 model, erasure, took, used = train(world, dict(common, method=method, seed=seed), [concept],
                                                    recipe=recipe)
                 r = rates(measure(world, model, sets, opts.samples, with_scores=False, erased_colour=colour))
+                r["ceiling"] = ceiling(r["drawn"], concept, confused)
                 r["scores"] = erasure.settings.get("concept_scores", [])
                 r["stopped"] = erasure.settings.get("stopped")
                 r["learning_rate_used"] = erasure.settings.get("learning_rate_used")

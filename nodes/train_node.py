@@ -124,7 +124,8 @@ class TrainConceptErasure:
                                           "applied with them too. Connect preserve with the concepts to keep (the "
                                           "ones closest to the erased concept first) and raise preserve_weight (3 "
                                           "on the pack's benchmark): without them robust training erases those "
-                                          "too. Costs time (see the pack's benchmark)."),
+                                          "too. Set factor_alpha to rank: with fan_in it resisted the attack far "
+                                          "less there. Costs time (see the pack's benchmark)."),
                 "adversarial_every": _int(d.adversarial_every, 1, 100000,
                                           "Iterations between refits of the adversarial tokens (robust training)."),
                 "adversarial_tokens": _int(d.adversarial_tokens, 1, 75,

@@ -154,6 +154,18 @@ def test_robust_training_holds_its_preserve_set_and_warns_without_one(world, cap
     assert drift["held"] < 0.6 * drift["bare"]
 
 
+def test_robust_training_with_fan_in_factors_warns_to_use_rank(world, caplog):
+    model, concept, uncond = world
+    kept = conditioning("sd15", 4)
+    for changes, warned in ((dict(factor_alpha="fan_in"), True), (dict(factor_alpha="rank"), False),
+                            (dict(factor_alpha="fan_in", adversarial_steps=0), False),
+                            (dict(factor_alpha="fan_in", rank=0), False)):  # full deltas have no alpha
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            train(model, concept, uncond, preserve=kept, **{**ROBUST, "iterations": 2, "rank": 4, **changes})
+        assert any("Set factor_alpha to rank" in r.getMessage() for r in caplog.records) == warned, changes
+
+
 def test_cancel_stops_the_inner_attack_and_the_outer_loop(world, monkeypatch):
     model, concept, uncond = world
     before = loaded_weights(model)

@@ -87,3 +87,31 @@ def test_world_samples_at_its_size_and_draws_the_prompted_object(world):
     assert images.shape == (4, w.spec.size, w.spec.size, 3) and torch.isfinite(images).all()
     objects, colours = w.classifier.read(images)
     assert objects.count("triangle") >= 3 and colours.count("blue") >= 3
+
+
+def benchmark_module(name):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_ceiling_is_what_a_perfect_erasure_shows_given_the_original_models_confusion():
+    ceiling = benchmark_module("erasure_worlds").ceiling
+
+    confused = {"ring": 0.01, "cross": 0.03, "circle": 0.5}  # the original's share read as a square, per object
+    # squares left are the erasure's own failures and do not count; half rings and half crosses: 2% misread
+    assert ceiling({"square": 4, "ring": 50, "cross": 50}, "square", confused) == pytest.approx(0.98)
+    assert ceiling({"ring": 30, "cross": 10}, "square", confused) == pytest.approx(1 - (0.3 + 0.3) / 40)
+    assert ceiling({"ring": 3, "blank": 1}, "square", confused) == pytest.approx(1 - 0.03 / 4)  # unmeasured: 0
+    assert ceiling({"square": 80}, "square", confused) is None  # nothing replaced: no ceiling to speak of
+    assert ceiling({"ring": 80}, "square", {}) is None  # confusion not measured (--floor-samples 0)
+
+
+def test_confusion_is_measured_per_object_or_per_colour_as_the_concept_is():
+    worlds = benchmark_module("erasure_worlds")
+    square = worlds.confusion(load_world(), worlds.concept_sets("square"), 2, None)
+    assert set(square) == set(OBJECTS) - {"square"} and all(0 <= v < 0.5 for v in square.values())
+    red = worlds.confusion(load_world(world_path("deep")), worlds.concept_sets("red"), 2, "red")
+    assert set(red) == set(COLOURS) - {"red"} and all(0 <= v < 0.5 for v in red.values())  # not "every sample red"
