@@ -70,13 +70,24 @@ def dialog_text(page):
     }""", DIALOGS)
 
 
-def missing_models_notice(page):
+def missing_models_notice(page, wait_ms: int = 5000):
     """Text where the UI names the models a loaded workflow lacks: the Missing Models dialog (frontend 1.27), or the
-    error overlay's details panel (newer frontends), which this opens; None when the UI shows neither."""
-    if page.locator(ERROR_OVERLAY).count() and page.locator(ERROR_OVERLAY).first.is_visible():
+    error overlay's details panel (newer frontends), which this opens; None when the UI shows neither within
+    wait_ms (the overlay can appear a moment after the graph on a busy machine)."""
+    def overlay_shown():
+        return page.locator(ERROR_OVERLAY).count() and page.locator(ERROR_OVERLAY).first.is_visible()
+
+    for _ in range(wait_ms // 250):
+        if overlay_shown() or dialog_text(page) is not None:
+            break
+        page.wait_for_timeout(250)
+    if overlay_shown():
         page.click('[data-testid="error-overlay-see-errors"]')
-        page.wait_for_timeout(500)
-        body = page.evaluate("() => document.body.innerText")
+        for _ in range(max(2, wait_ms // 250)):
+            page.wait_for_timeout(250)
+            body = page.evaluate("() => document.body.innerText")
+            if "Missing Models" in body:
+                break
         start = body.find("Missing Models")
         return body[start:] if start >= 0 else body
     return dialog_text(page)
