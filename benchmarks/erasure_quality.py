@@ -62,7 +62,8 @@ QUICK = dict(iterations=150, samples=8)
 #   node's 1e-5 (ESD's rate for full deltas on an 860M-parameter UNet) changed nothing here (0% erased at 150
 #   iterations), 1e-4 erased ~90%, 3e-4 ~95-100%, 1e-3 started to hurt (sweep on the first world with full deltas);
 #   rank-32 factors with alpha = rank erased as well as full deltas at that rate (rank sweep). The node's defaults
-#   now (factor_alpha fan_in, min_score_rise 0.5) find a rate themselves: erasure_worlds.py measures them.
+#   now (factor_alpha auto: fan_in, rank for robust training; min_score_rise 0.5) find a rate themselves:
+#   erasure_worlds.py measures them, and --recipe defaults here.
 WORLD_SETTINGS = dict(learning_rate=3e-4, factor_alpha="rank", min_score_rise=0.0)
 FULL_DELTAS = dict(rank=0)
 

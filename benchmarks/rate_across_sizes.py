@@ -9,10 +9,12 @@ ESD target') is measured every --every iterations:
 
   esd_x, full deltas, 1e-5, fixed    ESD's recipe, the reference
   lp, rank 32, alpha rank            factors scaled by 1 (kohya alpha = rank), the default before
-  lp, rank 32, alpha fan_in          factors scaled by fan_in / rank (the default), so that an Adam step on them
-                                     changes a layer's output about as much as a step on a full delta at the same
+  lp, rank 32, alpha fan_in          factors scaled by fan_in / rank (auto without adversarial_steps), so that a step
+                                     on them changes a layer's output about as much as one on a full delta at the same
                                      rate
   ..., min_score_rise 0.2            the rate raised while the score rises less than 0.2 per 100 its
+  lp, rank 32, alpha rank, min_score_rise 0.5   what factor_alpha auto trains with adversarial_steps (the
+                                     robust-training recipe, without the attack) at the default min_score_rise
 
   .venv/bin/python benchmarks/rate_across_sizes.py                  # CPU: 16x16 latents, 40 iterations
   .venv/bin/python benchmarks/rate_across_sizes.py --gpu --resolution 512 --iterations 100 --every 10
@@ -36,6 +38,7 @@ RUNS = [
     ("lp, rank 32, alpha rank, min_score_rise 0.2", dict(method="lp", factor_alpha="rank", min_score_rise=0.2)),
     ("lp, rank 32, alpha fan_in, 1e-5", dict(method="lp", factor_alpha="fan_in", min_score_rise=0.0)),
     ("lp, rank 32, alpha fan_in, min_score_rise 0.2", dict(method="lp", factor_alpha="fan_in", min_score_rise=0.2)),
+    ("lp, rank 32, alpha rank, min_score_rise 0.5", dict(method="lp", factor_alpha="rank", min_score_rise=0.5)),
 ]
 
 

@@ -60,8 +60,9 @@ class TrainConceptErasure:
                 "iterations": _int(d.iterations, 1, 100000, "Training iterations (optimizer steps)."),
                 "learning_rate": _float(d.learning_rate, 1e-8, 1.0, 1e-7,
                                         "Adam learning rate of the weight deltas where training starts: ESD's 1e-5, "
-                                        "its rate for full deltas on SD1.5. With factor_alpha fan_in, rank > 0 "
-                                        "factors step as full deltas do at the same rate, and min_score_rise raises "
+                                        "its rate for full deltas on SD1.5. With factor_alpha fan_in (auto's choice "
+                                        "without adversarial_steps), rank > 0 factors step as full deltas do at the "
+                                        "same rate, and min_score_rise raises "
                                         "it on models that need more (the pack's small test models: 4e-5 to "
                                         "1.6e-4)."),
                 "prompt_learning_rate": _float(d.prompt_learning_rate, 1e-8, 1.0, 1e-7,
@@ -124,8 +125,9 @@ class TrainConceptErasure:
                                           "applied with them too. Connect preserve with the concepts to keep (the "
                                           "ones closest to the erased concept first) and raise preserve_weight (3 "
                                           "on the pack's benchmark): without them robust training erases those "
-                                          "too. Set factor_alpha to rank: with fan_in it resisted the attack far "
-                                          "less there. Costs time (see the pack's benchmark)."),
+                                          "too. factor_alpha auto trains it with rank factors: with fan_in it "
+                                          "resisted the attack far less there. Costs time (see the pack's "
+                                          "benchmark)."),
                 "adversarial_every": _int(d.adversarial_every, 1, 100000,
                                           "Iterations between refits of the adversarial tokens (robust training)."),
                 "adversarial_tokens": _int(d.adversarial_tokens, 1, 75,
@@ -154,7 +156,9 @@ class TrainConceptErasure:
                                "by each layer's fan_in / rank, so that a step of learning_rate changes a layer as "
                                "much as a step on a full delta (rank 0) does, as in ESD. rank: by 1, the usual LoRA "
                                "scale; on an SD1.5-sized UNet such rank-32 factors moved the concept 5-20x slower at "
-                               "the same rate (the pack's RESULTS.md)."}),
+                               "the same rate. auto: fan_in, and rank with adversarial_steps, where fan_in factors "
+                               "resisted the attack far less (52.5% of the concept still erased after it, against "
+                               "94.4%; the pack's RESULTS.md)."}),
             },
         }
 

@@ -154,16 +154,24 @@ def test_robust_training_holds_its_preserve_set_and_warns_without_one(world, cap
     assert drift["held"] < 0.6 * drift["bare"]
 
 
-def test_robust_training_with_fan_in_factors_warns_to_use_rank(world, caplog):
+def test_robust_training_trains_rank_factors_by_default_and_warns_with_fan_in(world, caplog):
+    """factor_alpha auto: rank factors (alpha = rank) with adversarial_steps, fan_in factors without; fan_in chosen
+    for robust training is warned about."""
     model, concept, uncond = world
     kept = conditioning("sd15", 4)
-    for changes, warned in ((dict(factor_alpha="fan_in"), True), (dict(factor_alpha="rank"), False),
-                            (dict(factor_alpha="fan_in", adversarial_steps=0), False),
-                            (dict(factor_alpha="fan_in", rank=0), False)):  # full deltas have no alpha
+    for changes, used, warned in ((dict(), "rank", False), (dict(factor_alpha="fan_in"), "fan_in", True),
+                                  (dict(factor_alpha="rank"), "rank", False),
+                                  (dict(adversarial_steps=0), "fan_in", False),
+                                  (dict(factor_alpha="fan_in", adversarial_steps=0), "fan_in", False),
+                                  (dict(factor_alpha="fan_in", rank=0), "fan_in", False)):  # full deltas: no alpha
         caplog.clear()
         with caplog.at_level("WARNING"):
-            train(model, concept, uncond, preserve=kept, **{**ROBUST, "iterations": 2, "rank": 4, **changes})
-        assert any("Set factor_alpha to rank" in r.getMessage() for r in caplog.records) == warned, changes
+            run = train(model, concept, uncond, preserve=kept, **{**ROBUST, "iterations": 2, "rank": 4, **changes})
+        assert any("Set factor_alpha to auto" in r.getMessage() for r in caplog.records) == warned, changes
+        assert run.erasure.settings["factor_alpha_used"] == used, changes
+        for delta in run.erasure.deltas.values():
+            if changes.get("rank", 4):
+                assert delta.alpha == (4 if used == "rank" else delta.down[0].numel()), changes
 
 
 def test_cancel_stops_the_inner_attack_and_the_outer_loop(world, monkeypatch):

@@ -131,5 +131,5 @@ def test_fan_in_factors_step_like_full_deltas_and_export_what_they_trained():
     assert exported.alpha == 768.0 and exported.rank == 32
     with torch.no_grad():
         torch.testing.assert_close(x @ (layer.weight + exported.full()).T, trained, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ErasureError, match="factor_alpha must be one of rank, fan_in"):
+    with pytest.raises(ErasureError, match="factor_alpha must be one of auto, rank, fan_in"):
         TrainSettings(factor_alpha="sqrt").validate()

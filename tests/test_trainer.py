@@ -90,12 +90,13 @@ def test_lp_moves_concept_to_esd_target_and_spares_an_unrelated_prompt(sd15, lp_
 
 
 def test_default_low_rank_deltas_move_the_concept_to_the_esd_target_too(sd15):
-    """The node's default trains rank-32 LoRA factors (kohya convention, alpha = each layer's fan_in), not full
-    deltas."""
+    """The node's default trains rank-32 LoRA factors (kohya convention, alpha = each layer's fan_in: factor_alpha
+    auto without adversarial_steps), not full deltas."""
     model, concept, uncond = sd15
     run = train(model, concept, uncond, method="lp", rank=TrainSettings().rank, iterations=60, learning_rate=3e-4,
                 prompt_learning_rate=2e-2, key_weight=1.0, placement="all", prompt_tokens=4, min_score_rise=0.0)
-    assert TrainSettings().rank == 32 and TrainSettings().factor_alpha == "fan_in"
+    assert TrainSettings().rank == 32 and TrainSettings().factor_alpha == "auto"
+    assert run.erasure.settings["factor_alpha_used"] == "fan_in"
     assert all(isinstance(d, LowRankDelta) and d.rank == 32 and d.alpha == d.down[0].numel()
                for d in run.erasure.deltas.values())
     numbers = esd_numbers(model, run.erasure, concept, uncond, Probe())

@@ -7,6 +7,7 @@ convention of erasure.LowRankDelta). Switched off, the same module is the frozen
 alpha "rank" scales the factors' product by 1; alpha "fan_in" by the layer's fan_in / rank, so that one Adam step
 on the factors changes the layer's output about as much as a step at the same rate on a full delta (which moves
 each of its fan_in weights per output by about the rate); learning_rate then means the same for any rank.
+(The node's factor_alpha "auto" picks one of the two: TrainSettings.factor_scale.)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..erasure.concept_erasure import Delta, ErasureError, LowRankDelta
-from .settings import FACTOR_ALPHAS
+from .settings import FACTOR_SCALES
 
 ATTN2_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 _ESD_U_EXCLUDED_PREFIXES = ("time_embed.", "label_emb.", "out.")
@@ -50,8 +51,8 @@ class DeltaSet:
 
     def __init__(self, layers: Dict[str, torch.nn.Module], rank: int, generator: torch.Generator, device,
                  factor_alpha: str = "fan_in"):
-        if factor_alpha not in FACTOR_ALPHAS:
-            raise ErasureError(f"factor_alpha must be one of {', '.join(FACTOR_ALPHAS)}, got {factor_alpha!r}")
+        if factor_alpha not in FACTOR_SCALES:
+            raise ErasureError(f"factor_alpha must be one of {', '.join(FACTOR_SCALES)}, got {factor_alpha!r}")
         self.layers = layers
         self.rank = rank
         self.alphas: Dict[str, float] = {}

@@ -40,7 +40,7 @@ ROBUST_WITHOUT_PRESERVE = (
 ROBUST_WITH_FAN_IN = (
     "adversarial_steps with factor_alpha fan_in: on the pack's benchmark robust training resisted the attack far "
     "less this way (52.5% of the concept's samples still erased after it) than with factor_alpha rank (94.4%, the "
-    "same inputs otherwise). Set factor_alpha to rank for robust training.")
+    "same inputs otherwise). Set factor_alpha to auto (the default, rank for robust training) or rank.")
 
 class TrainingError(RuntimeError):
     """Training stopped (e.g. the loss became NaN); no erasure was produced and the input model is unchanged."""
@@ -80,7 +80,7 @@ def train_erasure(model, concept, unconditional, preserve=None, settings: Option
     kept = [p for p in preserve if p.weight > 0]
     if settings.adversarial and not kept:
         log.warning(ROBUST_WITHOUT_PRESERVE)
-    if settings.adversarial and settings.rank > 0 and settings.factor_alpha == "fan_in":
+    if settings.adversarial and settings.rank > 0 and settings.factor_scale == "fan_in":
         log.warning(ROBUST_WITH_FAN_IN)
     try:
         with torch.inference_mode(False):
@@ -246,8 +246,9 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
         prompt_at_inference=s.method == "lp_attached",
         concepts=concepts,
         method=s.method,
-        settings=dict(s.to_dict(), compute_dtype=plan.dtype, gradient_checkpointing_used=plan.checkpointing,
-                      stopped=stopped, concept_scores=[[i, round(v, 4)] for i, v in scores], **rate.record()),
+        settings=dict(s.to_dict(), factor_alpha_used=s.factor_scale, compute_dtype=plan.dtype,
+                      gradient_checkpointing_used=plan.checkpointing, stopped=stopped,
+                      concept_scores=[[i, round(v, 4)] for i, v in scores], **rate.record()),
         base_model=type(base.model_config).__name__,
         pack_version=PACK_VERSION,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

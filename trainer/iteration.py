@@ -43,7 +43,7 @@ class Trainables:
 
 def build_trainables(unet: torch.nn.Module, s: TrainSettings, context_dim: int, token_scale: float, device,
                      generator: torch.Generator, foreach: Optional[bool] = None) -> Trainables:
-    deltas = DeltaSet(target_layers(unet, s.method), s.rank, generator, device, s.factor_alpha)
+    deltas = DeltaSet(target_layers(unet, s.method), s.rank, generator, device, s.factor_scale)
     groups = [{"params": deltas.parameters(), "lr": s.learning_rate}]
     prompt = None
     if s.uses_prompt:  # initialised at the scale of the text encoder's tokens
