@@ -293,7 +293,8 @@ def main(argv=None) -> int:
 
     mode = dict(QUICK if opts.quick else FULL)
     mode.update({k: getattr(opts, k) for k in ("iterations", "samples") if getattr(opts, k)})
-    recipe = {} if opts.recipe == "world" else {k: host.widget_defaults(TrainConceptErasure)[k] for k in WORLD_SETTINGS}
+    defaults = host.widget_defaults(TrainConceptErasure)
+    recipe = {} if opts.recipe == "world" else {k: defaults[k] for k in WORLD_SETTINGS}
     common = dict(iterations=mode["iterations"], **{**recipe, **parse_overrides(opts.set)})
     world = load_world(opts.world) if opts.world else load_world()
     started = time.time()
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
     for method in [m for m in opts.methods.split(",") if m]:
         model, erasures[method], seconds, used = train(world, dict(common, method=method), [ERASED])
         record(method, model, seconds, single, used)
-    default = host.widget_defaults(TrainConceptErasure)["method"]
+    default = defaults["method"]
     if not opts.no_extra_rows:
         if default in erasures and erasures[default].has_prompt:
             record(f"{default} with its key attached (Recover)", recover(world, erasures[default]), None, single, None)
