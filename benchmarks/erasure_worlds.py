@@ -66,7 +66,8 @@ def rates(r: dict) -> dict:
         return None if shown is None else 1 - shown
 
     return {"erased": hidden("erased"), "synonyms": hidden("synonyms"), "kept_obj": r["kept"]["object"],
-            "kept_col": r["kept"]["colour"], "kept_as_erased": r["kept"]["as_erased"], "drawn": r["erased"]["drawn"]}
+            "kept_col": r["kept"]["colour"], "kept_as_erased": r["kept"]["as_erased"], "drawn": r["erased"]["drawn"],
+            "kept_per_object": r["kept"]["per_object"], "kept_drawn": r["kept"]["drawn"]}
 
 
 def confusion(world, sets, samples: int, colour) -> dict:
@@ -144,10 +145,13 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, help="override the node's default")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="node inputs for every run")
     parser.add_argument("--concept", help="erase this object or colour on every world instead of its own")
+    parser.add_argument("--preserve", default="",
+                        help="objects whose prompts ('a circle', ...) are every run's preserve set")
     parser.add_argument("--no-original", action="store_true")
     parser.add_argument("--floor-samples", type=int, default=FLOOR_SAMPLES,
                         help="samples per prompt for the original's confusion (the ceiling column); 0 = no ceiling")
-    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--json", type=Path, help="also write the measurements here (with the kept share per object "
+                        "and what the kept prompts drew)")
     parser.add_argument("--threads", type=int, default=host.threads_from_env())
     parser.add_argument("--recipe", choices=("defaults", "world"), default="defaults",
                         help="defaults: the node's; world: erasure_quality.py's WORLD_SETTINGS (lr 3e-4, alpha rank)")
@@ -165,6 +169,7 @@ def main(argv=None) -> int:
     if opts.iterations:
         common["iterations"] = opts.iterations
     seeds = [int(s) for s in opts.seeds.split(",") if s]
+    preserve = tuple(o for o in opts.preserve.split(",") if o)
     started, rows, confusions = time.time(), [], {}
 
     def add(row):
@@ -193,7 +198,7 @@ def main(argv=None) -> int:
             per_seed, seconds = [], []
             for seed in seeds:
                 model, erasure, took, used = train(world, dict(common, method=method, seed=seed), [concept],
-                                                   recipe=recipe)
+                                                   preserve=preserve, recipe=recipe)
                 r = rates(measure(world, model, sets, opts.samples, with_scores=False, erased_colour=colour))
                 r["ceiling"] = ceiling(r["drawn"], concept, confused)
                 r["scores"] = erasure.settings.get("concept_scores", [])
@@ -202,7 +207,8 @@ def main(argv=None) -> int:
                 per_seed.append(r)
                 seconds.append(took)
                 del model
-            add({"world": name, "concept": concept, "model": method, "seeds": per_seed,
+            label = f"{method}, preserve {{{', '.join(preserve)}}}" if preserve else method
+            add({"world": name, "concept": concept, "model": label, "seeds": per_seed,
                  "train_s": sum(seconds) / len(seconds), "settings": used})
     print()
     print(table(rows))
