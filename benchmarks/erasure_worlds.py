@@ -21,6 +21,8 @@ resolution, one per training seed (`--recipe world`: erasure_quality.py's fixed 
   kept obj / kept col  share of the samples for every other prompt ("a blue circle", ...; for the colour, every
              object in the other colours) showing the prompted object / colour
   kept → erased  share of those samples that show the erased concept instead
+  recovered  (--recover, lp rows) share of the erased prompts' samples that show the concept again with the
+             erasure's key attached (Recover Erased Concept's model), per seed
   held-out score  the trainer's own concept score at the end, per seed (Train Concept Erasure's score_every: the
              Concept Erasure Report's 'toward ESD target' on held-out x_t; 0 = unchanged, 1 = ESD's target)
   rate used  the learning rate each seed's run ended with (min_score_rise doubles it while the score barely moves)
@@ -121,10 +123,13 @@ def rates_used(seeds) -> str:
 def table(rows) -> str:
     from erasure_quality import pct
 
+    recovered = any("recovered" in s for row in rows for s in row["seeds"])
     lines = ["| world | concept | model | erased ↑ (per seed) | mean erased | mean synonyms | kept obj ↑ (per seed) | "
-             "mean kept obj | mean kept col | kept → erased ↓ | ceiling | held-out score | rate used | train s |", "|" + "---|" * 14]
+             "mean kept obj | mean kept col | kept → erased ↓ | ceiling | held-out score | rate used | train s |"
+             + (" recovered by the key (per seed) |" if recovered else ""), "|" + "---|" * (14 + recovered)]
     for row in rows:
         seeds, seconds = row["seeds"], row["train_s"]
+        back = [s["recovered"] for s in seeds if "recovered" in s]
         lines.append(
             f"| {row['world']} | {row['concept']} | {row['model']} | {cell(s['erased'] for s in seeds)} | "
             f"**{pct(mean(s['erased'] for s in seeds))}** | {pct(mean(s['synonyms'] for s in seeds))} | "
@@ -132,7 +137,8 @@ def table(rows) -> str:
             f"{pct(mean(s['kept_col'] for s in seeds))} | {pct(mean(s['kept_as_erased'] for s in seeds))} | "
             f"{pct(mean(s.get('ceiling') for s in seeds))} | "
             f"{final_scores(seeds)} | {rates_used(seeds)} | "
-            f"{'–' if seconds is None else f'{seconds:.0f}'} |")
+            f"{'–' if seconds is None else f'{seconds:.0f}'} |"
+            + ((f" {cell(back)} |" if back else " – |") if recovered else ""))
     return "\n".join(lines)
 
 
@@ -147,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concept", help="erase this object or colour on every world instead of its own")
     parser.add_argument("--preserve", default="",
                         help="objects whose prompts ('a circle', ...) are every run's preserve set")
+    parser.add_argument("--recover", action="store_true",
+                        help="lp rows: also sample the erased prompts with the key attached (Recover Erased Concept)")
     parser.add_argument("--no-original", action="store_true")
     parser.add_argument("--floor-samples", type=int, default=FLOOR_SAMPLES,
                         help="samples per prompt for the original's confusion (the ceiling column); 0 = no ceiling")
@@ -162,7 +170,7 @@ def main(argv=None) -> int:
     from comfyui_concept_erasure.demo_world.vocabulary import COLOURS
     from comfyui_concept_erasure.demo_world.world import load_world
 
-    from erasure_quality import WORLD_SETTINGS, measure, parse_overrides, train
+    from erasure_quality import WORLD_SETTINGS, measure, parse_overrides, recover, train
 
     recipe = WORLD_SETTINGS if opts.recipe == "world" else {}
     common = parse_overrides(opts.set)
@@ -204,6 +212,10 @@ def main(argv=None) -> int:
                 r["scores"] = erasure.settings.get("concept_scores", [])
                 r["stopped"] = erasure.settings.get("stopped")
                 r["learning_rate_used"] = erasure.settings.get("learning_rate_used")
+                if opts.recover and erasure.has_prompt and not erasure.prompt_at_inference:
+                    back = measure(world, recover(world, erasure), {"erased": sets["erased"]}, opts.samples,
+                                   with_scores=False, erased_colour=colour)["erased"]
+                    r["recovered"] = back["as_erased"]
                 per_seed.append(r)
                 seconds.append(took)
                 del model

@@ -3,7 +3,8 @@
   .venv/bin/python benchmarks/train_memory.py                     # counted: no GPU needed, a few minutes
   .venv/bin/python benchmarks/train_memory.py --gpu               # also measured on CUDA, and s / 1000 iterations
   .venv/bin/python benchmarks/train_memory.py --cpu-check         # counted vs the CPU allocator, real SD1.5 UNet
-  options: --families sd15,sdxl  --configs lp:8:off,lp:0:on  (method:rank:checkpointing)
+  options: --families sd15,sdxl  --configs lp:8:off,lp:0:on  (method:rank:checkpointing)  --preserve 1 (counted
+           with that many preserve prompts connected, as train_concept_erasure.json connects one)
 
 Counted: the trainer's own memory plan (trainer/memory_plan.py) for the model as ComfyUI loads it on a GPU
 (fp16 weights, dtype auto, PyTorch attention, one iteration of the default settings run on a shape-only copy of
@@ -62,8 +63,9 @@ def settings_for(method, rank, ckpt, **extra):
     return TrainSettings(method=method, rank=rank, gradient_checkpointing=ckpt, **extra)
 
 
-def counted_plan(family, settings, resolution, device="cuda"):
-    """The trainer's plan for the family's UNet as loaded in fp16 on `device`, counted on a shape-only model."""
+def counted_plan(family, settings, resolution, device="cuda", preserve=0):
+    """The trainer's plan for the family's UNet as loaded in fp16 on `device`, counted on a shape-only model
+    (with `preserve` preserve prompts connected, as the training workflow connects one)."""
     import torch
 
     from comfyui_concept_erasure.trainer.conditioning import encode_entries
@@ -75,9 +77,11 @@ def counted_plan(family, settings, resolution, device="cuda"):
     latent = (4, resolution // 8, resolution // 8)
     concept = encode_entries(base, conditioning(family, 1), latent, "cpu", "positive", 0)
     uncond = encode_entries(base, conditioning(family, 2), latent, "cpu", "negative", 0)[0]
+    kept = [encode_entries(base, conditioning(family, 3 + i), latent, "cpu", "positive", 0)[0]
+            for i in range(preserve)]
     width = concept[0]["c_crossattn"].shape[-1]
     run = RunShape(base, {}, device, torch.float16, 4, width, prediction_kind(base.model_sampling), concept, uncond,
-                   [])
+                   kept)
     return MemoryPlanner(run).plan(settings, resolution, settings.gradient_checkpointing == "on")
 
 
@@ -85,7 +89,7 @@ def gib(n):
     return f"{n / GiB:.2f}"
 
 
-def counted_table(families, configs):
+def counted_table(families, configs, preserve=0):
     from sd_architectures import FAMILIES
 
     print("| model | method | rank | checkpointing | weights | trainable | iteration | counted peak | plan (with "
@@ -95,7 +99,7 @@ def counted_table(families, configs):
         name, resolution = FAMILIES[family]
         for method, rank, ckpt in configs:
             started = time.time()
-            plan = counted_plan(family, settings_for(method, rank, ckpt), resolution)
+            plan = counted_plan(family, settings_for(method, rank, ckpt), resolution, preserve=preserve)
             fits = [f"{gb} GB" for gb in (8, 12, 16, 24) if plan.total <= gb * 10 ** 9 * 0.97]
             print(f"| {name} {resolution} | {method} | {rank or 'full'} | {ckpt} | {gib(plan.weights)} | "
                   f"{gib(plan.trainable)} | {gib(plan.iteration)} | {gib(plan.counted)} | {gib(plan.total)} | "
@@ -160,6 +164,7 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=30, help="iterations of each measured run")
     p.add_argument("--cpu-check", action="store_true", help="counted vs the CPU allocator on the real SD1.5 UNet")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--preserve", type=int, default=0, help="counted: this many preserve prompts connected")
     p.add_argument("--measured-only", action="store_true",
                    help="with --gpu / --cpu-check: skip the counted table (each measured row has its count)")
     a = p.parse_args(argv)
@@ -171,7 +176,7 @@ def main(argv=None):
     configs = [parse_config(c) for c in a.configs.split(",") if c]
     print(f"torch {torch.__version__}; counted as loaded on a GPU: fp16 weights, dtype auto, default settings")
     if not (a.measured_only and (a.gpu or a.cpu_check)):
-        counted_table(families, configs)
+        counted_table(families, configs, a.preserve)
     if a.cpu_check:
         print("\nCPU check: real SD1.5 UNet (random fp32 weights), 256 px, 2 iterations, sampling_steps 2")
         measured_table(["sd15"], configs, "cpu", 2, resolution=256)

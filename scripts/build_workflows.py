@@ -85,22 +85,26 @@ TRAIN = dict(
             "2. Concept: type what to erase (an artist's style, an object, a person), and the same words in "
             "concept_label on Train Concept Erasure (stored in the file).\n"
             "3. Leave the second prompt empty: it is the unconditional prompt.\n"
-            "4. Queue. Training takes a while (about 1000 iterations on a GPU); the queue's cancel button stops "
+            "4. Concept to keep: the nearest concept that must survive (another painter here); its predictions "
+            "are held to the original's. An erasure can take its neighbours with it, so name them; more with "
+            "Conditioning (Combine); delete the node to train without.\n"
+            "5. Queue. Training takes a while (about 1000 iterations on a GPU); the queue's cancel button stops "
             "it and writes nothing.\n"
-            "5. The erasure is saved as models/concept_erasure/van_gogh_00001_.safetensors: open "
-            "apply_concept_erasure.json or compare_before_after.json to use it."), size=(400, 330)),
-        node("ckpt", "CheckpointLoaderSimple", (C0, 380), {"ckpt_name": CHECKPOINT}, size=WIDE),
+            "6. The erasure is saved as models/concept_erasure/van_gogh_00001_.safetensors: open "
+            "apply_concept_erasure.json or compare_before_after.json to use it."), size=(400, 430)),
+        node("ckpt", "CheckpointLoaderSimple", (C0, 480), {"ckpt_name": CHECKPOINT}, size=WIDE),
         node("concept", "CLIPTextEncode", (C1, 0), {"text": CONCEPT_TEXT}, "Concept to erase", size=(400, 200)),
         node("empty", "CLIPTextEncode", (C1, 240), {"text": ""}, "Empty prompt (unconditional)", size=(400, 200)),
+        node("keep", "CLIPTextEncode", (C1, 480), {"text": KEPT_TEXT}, "Concept to keep (preserve)", size=(400, 200)),
         node("train", "TrainConceptErasure", (C2, 0), {"concept_label": CONCEPT_TEXT,
                                                       "control_after_generate": "fixed"}, size=(400, 0)),
         node("save", "SaveConceptErasure", (C2 + 460, 0), {"filename_prefix": "concept_erasure/van_gogh"},
              size=(400, 58)),
         node("curves", "PreviewImage", (C2 + 460, 120), title="Loss curves", size=(520, 330)),
     ],
-    links=[("ckpt", 1, "concept", "clip"), ("ckpt", 1, "empty", "clip"), ("ckpt", 0, "train", "model"),
-           ("concept", 0, "train", "concept"), ("empty", 0, "train", "unconditional"),
-           ("train", 1, "save", "erasure"), ("train", 2, "curves", "images")],
+    links=[("ckpt", 1, "concept", "clip"), ("ckpt", 1, "empty", "clip"), ("ckpt", 1, "keep", "clip"),
+           ("ckpt", 0, "train", "model"), ("concept", 0, "train", "concept"), ("empty", 0, "train", "unconditional"),
+           ("keep", 0, "train", "preserve"), ("train", 1, "save", "erasure"), ("train", 2, "curves", "images")],
 )
 
 APPLY = dict(

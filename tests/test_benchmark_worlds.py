@@ -115,3 +115,18 @@ def test_confusion_is_measured_per_object_or_per_colour_as_the_concept_is():
     assert set(square) == set(OBJECTS) - {"square"} and all(0 <= v < 0.5 for v in square.values())
     red = worlds.confusion(load_world(world_path("deep")), worlds.concept_sets("red"), 2, "red")
     assert set(red) == set(COLOURS) - {"red"} and all(0 <= v < 0.5 for v in red.values())  # not "every sample red"
+
+
+def test_recover_column_samples_the_key_for_lp_rows_only(tmp_path, capsys):
+    import json
+
+    worlds = benchmark_module("erasure_worlds")
+    out = tmp_path / "rows.json"
+    assert worlds.main(["--worlds", "demo", "--methods", "lp,esd_x", "--seeds", "0", "--iterations", "2",
+                        "--samples", "1", "--no-original", "--floor-samples", "0", "--recover", "--json",
+                        str(out)]) == 0
+    lp, esd_x = json.loads(out.read_text())["rows"]
+    assert 0.0 <= lp["seeds"][0]["recovered"] <= 1.0
+    assert "recovered" not in esd_x["seeds"][0]  # no key to attach
+    table = capsys.readouterr().out.split("\n\n")[-2].splitlines()
+    assert table[0].endswith("| recovered by the key (per seed) |") and table[-1].endswith("| – |")

@@ -60,6 +60,23 @@ def test_plan_matches_what_the_cpu_allocator_hands_out(family, method, rank, che
     assert 0.9 < ratio < 1.1, (peak, plan.describe())
 
 
+def test_plan_counts_the_preserve_prompts_the_training_workflow_connects():
+    """With preserve the student runs a third batch row; the plan counts it and still matches the allocator."""
+    model = build_model("sd15")
+
+    def with_preserve():
+        with torch.inference_mode():
+            return train_erasure(model, conditioning("sd15", 1), conditioning("sd15", 2), conditioning("sd15", 3),
+                                 TrainSettings(**{**RUN, "resolution": 128}))
+
+    peak, result = cpu_allocator_peak(with_preserve)
+    plan = result.memory
+    ratio = peak / plan.beyond_weights
+    print(f"sd15 lp with preserve: measured / counted {ratio:.3f}")
+    assert 0.9 < ratio < 1.1, (peak, plan.describe())
+    assert plan.iteration > train(model, resolution=128).memory.iteration
+
+
 def test_checkpointing_and_low_rank_need_less_and_the_plan_says_so():
     model = build_model("sd15")
     plans = {(rank, ckpt): train(model, rank=rank, resolution=128, gradient_checkpointing=ckpt).memory

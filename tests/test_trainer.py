@@ -181,6 +181,7 @@ def test_preserve_term_holds_the_preserved_prompt(sd15):
         run = train(model, concept, uncond, preserve=kept, method="esd_x", iterations=15, learning_rate=3e-4,
                     preserve_weight=weight)
         assert ("preserve" in run.losses) == (weight > 0)
+        assert run.erasure.settings["preserve_prompts"] == (1 if weight > 0 else 0)  # the file says what was held
         moved[weight] = (probe.eps(apply_erasure(model, run.erasure), kept) - original).norm().item()
     print(f"preserved prompt moved {moved[0.0]:.4f} without the term, {moved[10.0]:.4f} with it")
     assert moved[10.0] < 0.7 * moved[0.0]

@@ -76,12 +76,12 @@ def test_trained_erasure_saves_loads_and_applies_to_a_fresh_model_identically(mo
         # every setting, what the run used, and what the input model carried (a plain model: nothing)
         assert set(trained.settings) == {f.name for f in dataclasses.fields(TrainSettings)} | {
             "compute_dtype", "gradient_checkpointing_used", "input_model_patches", "stopped", "concept_scores",
-            "learning_rate_used", "learning_rate_raises", "factor_alpha_used"}
+            "learning_rate_used", "learning_rate_raises", "factor_alpha_used", "preserve_prompts"}
         assert trained.settings["compute_dtype"] == "fp32" and trained.settings["gradient_checkpointing_used"] is False
         assert trained.settings["factor_alpha"] == "auto" and trained.settings["factor_alpha_used"] == "fan_in"
         assert trained.settings["stopped"] == {"iteration": 4, "reason": "iterations"}
         assert [i for i, _ in trained.settings["concept_scores"]] == [4]  # the last iteration is always scored
-        assert trained.settings["input_model_patches"] == {}
+        assert trained.settings["input_model_patches"] == {} and trained.settings["preserve_prompts"] == 0
         created = datetime.datetime.fromisoformat(trained.created)
         assert created.tzinfo is not None and abs(datetime.datetime.now(datetime.timezone.utc) - created).seconds < 600
     json.dumps(loaded.settings)

@@ -39,7 +39,9 @@ def test_train_workflow_saves_an_erasure_with_metadata_and_a_loss_curve(trained_
         meta = f.metadata()
         keys = list(f.keys())
     assert concept == "Van Gogh" and json.loads(meta["concepts"]) == [concept]
-    assert meta["method"] and json.loads(meta["settings"])["iterations"] == 2
+    settings = json.loads(meta["settings"])
+    assert meta["method"] and settings["iterations"] == 2
+    assert settings["preserve_prompts"] == 1  # the workflow's concept to keep is wired to preserve
     assert meta["context_dim"] == "768"
     assert keys, "the erasure file holds no tensors"
     previews = [img for out in entry["outputs"].values() for img in out.get("images", [])]

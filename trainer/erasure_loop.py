@@ -248,6 +248,7 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
         method=s.method,
         settings=dict(s.to_dict(), factor_alpha_used=s.factor_scale, compute_dtype=plan.dtype,
                       gradient_checkpointing_used=plan.checkpointing, stopped=stopped,
+                      preserve_prompts=len(preserve) if use_preserve else 0,
                       concept_scores=[[i, round(v, 4)] for i, v in scores], **rate.record()),
         base_model=type(base.model_config).__name__,
         pack_version=PACK_VERSION,
