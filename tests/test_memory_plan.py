@@ -26,9 +26,9 @@ def conditioning(family, seed):
     return [[torch.randn(1, 77, CONTEXT_DIM[family], generator=g), options]]
 
 
-def train(model, family="sd15", **settings):
+def train(model, family="sd15", preserve=None, **settings):
     with torch.inference_mode():  # as in a node
-        return train_erasure(model, conditioning(family, 1), conditioning(family, 2), None,
+        return train_erasure(model, conditioning(family, 1), conditioning(family, 2), preserve,
                              TrainSettings(**{**RUN, **settings}))
 
 
@@ -63,13 +63,7 @@ def test_plan_matches_what_the_cpu_allocator_hands_out(family, method, rank, che
 def test_plan_counts_the_preserve_prompts_the_training_workflow_connects():
     """With preserve the student runs a third batch row; the plan counts it and still matches the allocator."""
     model = build_model("sd15")
-
-    def with_preserve():
-        with torch.inference_mode():
-            return train_erasure(model, conditioning("sd15", 1), conditioning("sd15", 2), conditioning("sd15", 3),
-                                 TrainSettings(**{**RUN, "resolution": 128}))
-
-    peak, result = cpu_allocator_peak(with_preserve)
+    peak, result = cpu_allocator_peak(lambda: train(model, resolution=128, preserve=conditioning("sd15", 3)))
     plan = result.memory
     ratio = peak / plan.beyond_weights
     print(f"sd15 lp with preserve: measured / counted {ratio:.3f}")
