@@ -63,8 +63,9 @@ QUICK = dict(iterations=150, samples=8)
 #   iterations), 1e-4 erased ~90%, 3e-4 ~95-100%, 1e-3 started to hurt (sweep on the first world with full deltas);
 #   rank-32 factors with alpha = rank erased as well as full deltas at that rate (rank sweep). The node's defaults
 #   now (factor_alpha auto: fan_in, rank for robust training; min_score_rise 0.5) find a rate themselves:
-#   erasure_worlds.py measures them, and --recipe defaults here.
-WORLD_SETTINGS = dict(learning_rate=3e-4, factor_alpha="rank", min_score_rise=0.0)
+#   erasure_worlds.py measures them, and --recipe defaults here; output_strength 1 (all of the trained deltas, the
+#   only choice then; the node's default is 0.7 since the fourth session of 2026-12-05).
+WORLD_SETTINGS = dict(learning_rate=3e-4, factor_alpha="rank", min_score_rise=0.0, output_strength=1.0)
 FULL_DELTAS = dict(rank=0)
 
 
@@ -167,12 +168,16 @@ def train(world, settings: dict, concepts, preserve=None, recipe=None):
     return model, erasure, time.time() - started, kwargs
 
 
-def recover(world, erasure):
+def recover(world, erasure, strength: float = 1.0):
+    """Recover Erased Concept's model (the deltas and the key); another strength: the deltas at it, key attached."""
     import torch
 
+    from comfyui_concept_erasure.erasure import apply_erasure
     from comfyui_concept_erasure.nodes.erasure_nodes import RecoverErasedConcept
 
     with torch.inference_mode():
+        if strength != 1:
+            return apply_erasure(world.model, erasure, strength, attach_prompt=True)
         return RecoverErasedConcept().recover(world.model, erasure)[0]
 
 

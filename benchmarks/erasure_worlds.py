@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/erasure_worlds.py                 # every world, lp and esd_x, seeds 0,1,2
     .venv/bin/python benchmarks/erasure_worlds.py --worlds large --methods lp --seeds 0 --samples 8
+    .venv/bin/python benchmarks/erasure_worlds.py --worlds large --concept square --strengths 1,0.7 \
+        --set output_strength=1      # one training per seed, measured with all of its deltas and with 0.7 of them
 
 The worlds (demo_world/spec.py) share the vocabulary and the renderer's scenes and differ in latent size, UNet
 shape and text-encoder depth; each has its own classifier and its own concept to erase (WORLD_CONCEPTS):
@@ -155,6 +157,8 @@ def main(argv=None) -> int:
                         help="objects whose prompts ('a circle', ...) are every run's preserve set")
     parser.add_argument("--recover", action="store_true",
                         help="lp rows: also sample the erased prompts with the key attached (Recover Erased Concept)")
+    parser.add_argument("--strengths", default="1",
+                        help="Apply Concept Erasure strengths to measure each trained erasure at (1 = as trained)")
     parser.add_argument("--no-original", action="store_true")
     parser.add_argument("--floor-samples", type=int, default=FLOOR_SAMPLES,
                         help="samples per prompt for the original's confusion (the ceiling column); 0 = no ceiling")
@@ -169,6 +173,7 @@ def main(argv=None) -> int:
 
     from comfyui_concept_erasure.demo_world.vocabulary import COLOURS
     from comfyui_concept_erasure.demo_world.world import load_world
+    from comfyui_concept_erasure.erasure import apply_erasure
 
     from erasure_quality import WORLD_SETTINGS, measure, parse_overrides, recover, train
 
@@ -178,6 +183,7 @@ def main(argv=None) -> int:
         common["iterations"] = opts.iterations
     seeds = [int(s) for s in opts.seeds.split(",") if s]
     preserve = tuple(o for o in opts.preserve.split(",") if o)
+    strengths = [float(v) for v in opts.strengths.split(",") if v]
     started, rows, confusions = time.time(), [], {}
 
     def add(row):
@@ -203,25 +209,30 @@ def main(argv=None) -> int:
             r = rates(measure(world, world.model, sets, opts.samples, with_scores=False, erased_colour=colour))
             add({"world": name, "concept": concept, "model": "original", "seeds": [r], "train_s": None})
         for method in [m for m in opts.methods.split(",") if m]:
-            per_seed, seconds = [], []
+            per_seed, seconds = {st: [] for st in strengths}, []
             for seed in seeds:
-                model, erasure, took, used = train(world, dict(common, method=method, seed=seed), [concept],
-                                                   preserve=preserve, recipe=recipe)
-                r = rates(measure(world, model, sets, opts.samples, with_scores=False, erased_colour=colour))
-                r["ceiling"] = ceiling(r["drawn"], concept, confused)
-                r["scores"] = erasure.settings.get("concept_scores", [])
-                r["stopped"] = erasure.settings.get("stopped")
-                r["learning_rate_used"] = erasure.settings.get("learning_rate_used")
-                if opts.recover and erasure.has_prompt and not erasure.prompt_at_inference:
-                    back = measure(world, recover(world, erasure), {"erased": sets["erased"]}, opts.samples,
-                                   with_scores=False, erased_colour=colour)["erased"]
-                    r["recovered"] = back["as_erased"]
-                per_seed.append(r)
+                trained, erasure, took, used = train(world, dict(common, method=method, seed=seed), [concept],
+                                                     preserve=preserve, recipe=recipe)
+                for strength in strengths:
+                    model = trained if strength == 1 else apply_erasure(world.model, erasure, strength)
+                    r = rates(measure(world, model, sets, opts.samples, with_scores=False, erased_colour=colour))
+                    r["ceiling"] = ceiling(r["drawn"], concept, confused)
+                    r["scores"] = erasure.settings.get("concept_scores", [])
+                    r["stopped"] = erasure.settings.get("stopped")
+                    r["learning_rate_used"] = erasure.settings.get("learning_rate_used")
+                    if opts.recover and erasure.has_prompt and not erasure.prompt_at_inference:
+                        back = measure(world, recover(world, erasure, strength), {"erased": sets["erased"]},
+                                       opts.samples, with_scores=False, erased_colour=colour)["erased"]
+                        r["recovered"] = back["as_erased"]
+                    per_seed[strength].append(r)
+                    del model
                 seconds.append(took)
-                del model
+                del trained
             label = f"{method}, preserve {{{', '.join(preserve)}}}" if preserve else method
-            add({"world": name, "concept": concept, "model": label, "seeds": per_seed,
-                 "train_s": sum(seconds) / len(seconds), "settings": used})
+            for strength in strengths:
+                add({"world": name, "concept": concept, "seeds": per_seed[strength],
+                     "model": label if strength == 1 else f"{label}, strength {strength:g}",
+                     "train_s": sum(seconds) / len(seconds), "settings": used, "strength": strength})
     print()
     print(table(rows))
     print(f"\n{len(rows)} rows, seeds {seeds}, {opts.samples} samples per prompt, "

@@ -130,3 +130,21 @@ def test_recover_column_samples_the_key_for_lp_rows_only(tmp_path, capsys):
     assert "recovered" not in esd_x["seeds"][0]  # no key to attach
     table = capsys.readouterr().out.split("\n\n")[-2].splitlines()
     assert table[0].endswith("| recovered by the key (per seed) |") and table[-1].endswith("| – |")
+
+
+def test_strengths_measure_one_trained_erasure_at_each_apply_strength(tmp_path):
+    """Strength 0 is the original model (its row's figures to the sample); strength 1 the trained one (a rate that
+    wrecks the model in 2 iterations, so the two cannot read alike by chance)."""
+    import json
+
+    worlds = benchmark_module("erasure_worlds")
+    out = tmp_path / "rows.json"
+    assert worlds.main(["--worlds", "demo", "--methods", "esd_x", "--seeds", "0", "--iterations", "2",
+                        "--samples", "1", "--floor-samples", "0", "--strengths", "1,0", "--json", str(out),
+                        "--set", "learning_rate=0.01", "min_score_rise=0"]) == 0
+    original, full, off = json.loads(out.read_text())["rows"]
+    assert [full["model"], off["model"]] == ["esd_x", "esd_x, strength 0"]
+    assert [full["strength"], off["strength"]] == [1.0, 0.0] and full["train_s"] == off["train_s"]
+    figures = ("erased", "synonyms", "kept_obj", "kept_col", "kept_per_object")
+    assert {k: off["seeds"][0][k] for k in figures} == {k: original["seeds"][0][k] for k in figures}
+    assert {k: full["seeds"][0][k] for k in figures} != {k: original["seeds"][0][k] for k in figures}

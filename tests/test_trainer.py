@@ -9,8 +9,9 @@ from comfyui_concept_erasure.erasure.concept_erasure import cross_attention_laye
 from comfyui_concept_erasure.trainer import TrainingError, TrainSettings, train_erasure
 from tiny_models import CONTEXT_DIM, build_model, predict
 
-# 16x16 latents; full deltas (ESD's setting) unless a test says otherwise: these tests check the mechanics
-QUICK = dict(sampling_steps=6, resolution=128, trajectory_refresh=5, rank=0)
+# 16x16 latents; full deltas (ESD's setting), all of them in the output, unless a test says otherwise: these tests
+# check the mechanics
+QUICK = dict(sampling_steps=6, resolution=128, trajectory_refresh=5, rank=0, output_strength=1.0)
 SIGMAS = (14.6, 5.0, 1.0, 0.3)
 
 
@@ -284,3 +285,30 @@ def test_bad_settings_are_refused(sd15, settings, match):
     model, concept, uncond = sd15
     with pytest.raises(ErasureError, match=match):
         train(model, concept, uncond, **settings)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_output_strength_scales_what_is_saved_not_what_is_trained(sd15, rank):
+    """The same run at output_strength 0.6 saves 0.6 x the deltas of the run at 1 (factors: the up factor, alpha kept),
+    with the same prompt and loss history, and records the strength."""
+    model, concept, uncond = sd15
+    runs = [train(model, concept, uncond, method="lp", iterations=3, rank=rank, prompt_tokens=2, learning_rate=1e-3,
+                  min_score_rise=0.0, output_strength=strength) for strength in (1.0, 0.6)]
+    whole, scaled = (r.erasure for r in runs)
+    assert runs[0].losses == runs[1].losses and torch.equal(whole.prompt_k, scaled.prompt_k)
+    assert whole.deltas.keys() == scaled.deltas.keys()
+    for key, delta in whole.deltas.items():
+        if rank:
+            assert scaled.deltas[key].alpha == delta.alpha and torch.equal(scaled.deltas[key].down, delta.down)
+            delta, other = delta.full(), scaled.deltas[key].full()
+        else:
+            other = scaled.deltas[key]
+        assert delta.abs().max() > 0
+        torch.testing.assert_close(other, 0.6 * delta)
+    assert (whole.settings["output_strength"], scaled.settings["output_strength"]) == (1.0, 0.6)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 2.5, float("nan")])
+def test_output_strength_outside_its_range_is_refused(value):
+    with pytest.raises(ErasureError, match="output_strength must be"):
+        TrainSettings(output_strength=value).validate()

@@ -116,9 +116,10 @@ class DeltaSet:
         finally:
             self.enabled = before
 
-    def export(self) -> Dict[str, Delta]:
-        """The deltas as the erasure stores them: float32 on the CPU, keyed like ModelPatcher weights."""
+    def export(self, scale: float = 1.0) -> Dict[str, Delta]:
+        """The deltas as the erasure stores them, times scale: float32 on the CPU, keyed like ModelPatcher weights
+        (factors: the up factor scaled, so alpha stays the layer's)."""
         if self.rank == 0:
-            return {k: p.detach().float().cpu().clone() for k, p in self.full.items()}
-        return {k: LowRankDelta(self.up[k].detach().float().cpu().clone(), self.down[k].detach().float().cpu().clone(),
-                                self.alphas[k]) for k in self.layers}
+            return {k: (p.detach().float() * scale).cpu() for k, p in self.full.items()}
+        return {k: LowRankDelta((self.up[k].detach().float() * scale).cpu(),
+                                self.down[k].detach().float().cpu().clone(), self.alphas[k]) for k in self.layers}

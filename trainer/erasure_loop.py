@@ -242,7 +242,7 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
         prompt_k=prompt.prompt_k.detach().float().cpu().clone() if prompt is not None else None,
         prompt_v=prompt.prompt_v.detach().float().cpu().clone() if prompt is not None else None,
         placement=s.placement,
-        deltas=parts.deltas.export(),
+        deltas=parts.deltas.export(s.output_strength),
         prompt_at_inference=s.method == "lp_attached",
         concepts=concepts,
         method=s.method,

@@ -48,6 +48,7 @@ class TrainSettings:
     stop_at_score: float = 0.0
     min_score_rise: float = 0.5
     factor_alpha: str = "auto"
+    output_strength: float = 0.7
 
     @property
     def uses_prompt(self) -> bool:
@@ -109,6 +110,10 @@ class TrainSettings:
             _at_least("prompt_tokens", self.prompt_tokens, 1)
             _positive("prompt_learning_rate", self.prompt_learning_rate)
         _positive("learning_rate", self.learning_rate)
+        _finite("output_strength", self.output_strength)
+        if not 0 < self.output_strength <= 2:
+            raise ErasureError(f"output_strength must be above 0 and at most 2 (1 = the deltas as trained), "
+                               f"got {self.output_strength}")
         for name in ("negative_guidance", "sampling_cfg"):
             _finite(name, getattr(self, name))
         for name in ("erase_weight", "key_weight", "preserve_weight"):
