@@ -64,7 +64,7 @@ QUICK = dict(iterations=150, samples=8)
 #   rank-32 factors with alpha = rank erased as well as full deltas at that rate (rank sweep). The node's defaults
 #   now (factor_alpha auto: fan_in, rank for robust training; min_score_rise 0.5) find a rate themselves:
 #   erasure_worlds.py measures them, and --recipe defaults here; output_strength 1 (all of the trained deltas, the
-#   only choice then; the node's default is 0.7 since the fourth session of 2026-12-05).
+#   node's default too; --set output_strength=0.7 measures the option RESULTS.md discusses).
 WORLD_SETTINGS = dict(learning_rate=3e-4, factor_alpha="rank", min_score_rise=0.0, output_strength=1.0)
 FULL_DELTAS = dict(rank=0)
 

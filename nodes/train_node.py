@@ -130,8 +130,9 @@ class TrainConceptErasure:
                                           "ones closest to the erased concept first) and raise preserve_weight (3 "
                                           "on the pack's benchmark): without them robust training erases those "
                                           "too. factor_alpha auto trains it with rank factors: with fan_in it "
-                                          "resisted the attack far less there. Costs time (see the pack's "
-                                          "benchmark)."),
+                                          "resisted the attack far less there. Keep output_strength at 1: robust "
+                                          "training resisted with all of its deltas saved, less at 0.7 (50% on one "
+                                          "run). Costs time (see the pack's benchmark)."),
                 "adversarial_every": _int(d.adversarial_every, 1, 100000,
                                           "Iterations between refits of the adversarial tokens (robust training)."),
                 "adversarial_tokens": _int(d.adversarial_tokens, 1, 75,
@@ -165,14 +166,17 @@ class TrainConceptErasure:
                                "94.4%; the pack's RESULTS.md)."}),
                 "output_strength": _float(d.output_strength, 0.05, 2.0, 0.05,
                                           "Share of the trained weight deltas that the output erasure (and its "
-                                          "file) carries; 1 = all of it. Training pushes the concept toward the ESD "
-                                          "target (negative_guidance) past the point where it stops being drawn, and "
-                                          "on the pack's benchmark that last stretch is what changed neighbouring "
-                                          "concepts: erasing a square, 0.7 erased more and kept the other objects on "
-                                          "every seed, where 1 lost up to 40% of the circles. Apply Concept Erasure's "
-                                          "strength multiplies this again. The cost there: a little less margin on "
-                                          "another concept (98.75% erased against 99.6%), and Recover's key brought "
-                                          "back less (55% against 71% on one seed); robust training was measured at 1."),
+                                          "file) carries; 1 = all of it (default). Lower it when the erasure takes "
+                                          "neighbouring concepts with it: training pushes the concept to the ESD "
+                                          "target (negative_guidance), past the point where it stops being drawn, "
+                                          "and on the pack's benchmark erasing a square with lp or esd_x, 0.7 kept "
+                                          "the other objects on every seed (95% against 92%; up to 40% of the "
+                                          "circles lost at 1) and erased as much. It shrinks the margin elsewhere: "
+                                          "at 0.7 esd_u erased 23-29% instead of 80-95%, full deltas (rank 0) erased "
+                                          "an unseen synonym 78% instead of 99% on one seed, two concepts at once "
+                                          "96% instead of 99%, and robust training resisted the attack less. Check "
+                                          "the erased and the kept prompts with Concept Erasure Report. Apply "
+                                          "Concept Erasure's strength multiplies this again."),
             },
         }
 

@@ -321,8 +321,8 @@ ATTACK = dict(
             "it closed.\n"
             "4. Left: the original. Middle: the erased model. Right: the erased model with the adversarial prompt. "
             "If the right image shows the concept again, the erasure hid it rather than removed it: train with "
-            "adversarial_steps (with preserve: the concepts to keep; factor_alpha left at auto) on Train "
-            "Concept Erasure for an erasure that resists this attack."), size=(400, 380)),
+            "adversarial_steps (with preserve: the concepts to keep; factor_alpha auto and output_strength 1, "
+            "the defaults) on Train Concept Erasure for an erasure that resists this attack."), size=(400, 380)),
         *loaders(y=430),
         *prompt_nodes(C1, 0, CONCEPT),
         node("empty", "CLIPTextEncode", (C1, 630), {"text": ""}, "Empty prompt (unconditional)", size=(400, 200)),

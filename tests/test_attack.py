@@ -174,6 +174,21 @@ def test_robust_training_trains_rank_factors_by_default_and_warns_with_fan_in(wo
                 assert delta.alpha == (4 if used == "rank" else delta.down[0].numel()), changes
 
 
+def test_robust_training_below_full_output_strength_is_warned_about(world, caplog):
+    """Robust training resisted the attack on the benchmark with all of its deltas saved and less at 0.7, so robust
+    runs that save less than 1 are warned about, plain runs are not."""
+    model, concept, uncond = world
+    kept = conditioning("sd15", 4)
+    for changes, warned in ((dict(output_strength=0.7), True), (dict(output_strength=1.0), False),
+                            (dict(output_strength=0.7, adversarial_steps=0), False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            run = train(model, concept, uncond, preserve=kept, **{**ROBUST, "iterations": 2, **changes})
+        assert any("Set output_strength to 1 for robust training" in r.getMessage()
+                   for r in caplog.records) == warned, changes
+        assert run.erasure.settings["output_strength"] == changes["output_strength"], changes
+
+
 def test_cancel_stops_the_inner_attack_and_the_outer_loop(world, monkeypatch):
     model, concept, uncond = world
     before = loaded_weights(model)

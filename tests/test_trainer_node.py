@@ -40,7 +40,7 @@ def test_node_is_registered_with_tooltips_and_its_defaults():
                                      "batch_size", "rank", "dtype", "gradient_checkpointing", "output_strength")} == {
         "method": "lp", "iterations": 1000, "learning_rate": 1e-5, "negative_guidance": 2.0, "prompt_tokens": 10,
         "placement": "mid", "erase_weight": 1.0, "key_weight": 0.1, "sampling_steps": 50, "sampling_cfg": 3.0,
-        "batch_size": 1, "rank": 32, "dtype": "auto", "gradient_checkpointing": "auto", "output_strength": 0.7}
+        "batch_size": 1, "rank": 32, "dtype": "auto", "gradient_checkpointing": "auto", "output_strength": 1.0}
     assert "preserve" in spec["optional"]
     assert len(TrainConceptErasure.OUTPUT_TOOLTIPS) == len(TrainConceptErasure.RETURN_TYPES) == 3
     # every setting the trainer has is a node input, so the file's settings describe the node's run

@@ -87,7 +87,7 @@ def test_demo_workflow_trains_on_the_demo_world_and_reports(comfy_server, comfy_
     assert json.loads(meta["concepts"]) == ["square"]
     settings = json.loads(meta["settings"])  # the workflow keeps the node's rate: the trainer raises it for the world
     assert {k: settings[k] for k in ("learning_rate", "factor_alpha", "min_score_rise", "output_strength")} == {
-        "learning_rate": 1e-5, "factor_alpha": "auto", "min_score_rise": 0.5, "output_strength": 0.7}
+        "learning_rate": 1e-5, "factor_alpha": "auto", "min_score_rise": 0.5, "output_strength": 1.0}
     summaries = [text for out in entry["outputs"].values() for text in out.get("text", [])]
     assert len(summaries) == 1 and summaries[0].startswith("Concept Erasure Report: 5 prompt(s)")
     check_images(output_images(entry, comfy_base / "output"), "demo_world_erasure")

@@ -48,7 +48,7 @@ class TrainSettings:
     stop_at_score: float = 0.0
     min_score_rise: float = 0.5
     factor_alpha: str = "auto"
-    output_strength: float = 0.7
+    output_strength: float = 1.0
 
     @property
     def uses_prompt(self) -> bool:
