@@ -9,9 +9,8 @@ from comfyui_concept_erasure.erasure.concept_erasure import cross_attention_laye
 from comfyui_concept_erasure.trainer import TrainingError, TrainSettings, train_erasure
 from tiny_models import CONTEXT_DIM, build_model, predict
 
-# 16x16 latents; full deltas (ESD's setting), all of them in the output, unless a test says otherwise: these tests
-# check the mechanics
-QUICK = dict(sampling_steps=6, resolution=128, trajectory_refresh=5, rank=0, output_strength=1.0)
+# 16x16 latents; full deltas (ESD's setting) unless a test says otherwise: these tests check the mechanics
+QUICK = dict(sampling_steps=6, resolution=128, trajectory_refresh=5, rank=0)
 SIGMAS = (14.6, 5.0, 1.0, 0.3)
 
 
