@@ -151,11 +151,13 @@ def train(world, settings: dict, concepts, preserve=None, recipe=None):
     Returns (erased MODEL, erasure, seconds, the node's inputs; preserve as its prompts)."""
     import torch
 
+    from comfyui_concept_erasure.demo_world.comfy_parts import DemoWorldCLIP
     from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
 
     kwargs = dict(host.widget_defaults(TrainConceptErasure), **(WORLD_SETTINGS if recipe is None else recipe),
                   resolution=world.resolution)
     kwargs.update(settings, concept_label="\n".join(concepts))
+    kwargs.setdefault("clip", DemoWorldCLIP(world.text_encoder))  # Load Demo World's CLIP, for the retain set
     concept = combine(*(world.conditioning(concept_caption(c)) for c in concepts))
     kept = [f"a {o}" for o in preserve or ()]
     if kept:

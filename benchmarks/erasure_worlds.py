@@ -122,20 +122,36 @@ def rates_used(seeds) -> str:
     return " / ".join(f"{s['learning_rate_used']:.1e}" for s in seeds if s.get("learning_rate_used")) or "–"
 
 
+def worst(row) -> tuple:
+    """The row's worst case: the lowest seed's erased share, and the least-kept object over every seed, named."""
+    from erasure_quality import pct
+
+    seeds, names = row["seeds"], row.get("seed_names") or list(range(len(row["seeds"])))
+    erased = [(s["erased"], n) for s, n in zip(seeds, names) if s.get("erased") is not None]
+    low = min(erased, key=lambda pair: pair[0]) if erased else None
+    objects = [(share, obj, n) for s, n in zip(seeds, names) for obj, share in (s.get("kept_per_object") or {}).items()]
+    least = min(objects) if objects else None
+    seed = (lambda n: "" if row["model"] == "original" else f" (seed {n})")
+    return (f"{pct(low[0])}{seed(low[1])}" if low else "–",
+            f"{least[1]} {pct(least[0])}{seed(least[2])}" if least else "–")
+
+
 def table(rows) -> str:
     from erasure_quality import pct
 
     recovered = any("recovered" in s for row in rows for s in row["seeds"])
     lines = ["| world | concept | model | erased ↑ (per seed) | mean erased | mean synonyms | kept obj ↑ (per seed) | "
-             "mean kept obj | mean kept col | kept → erased ↓ | ceiling | held-out score | rate used | train s |"
-             + (" recovered by the key (per seed) |" if recovered else ""), "|" + "---|" * (14 + recovered)]
+             "mean kept obj | least-kept object ↑ | mean kept col | kept → erased ↓ | ceiling | held-out score | "
+             "rate used | train s |" + (" recovered by the key (per seed) |" if recovered else ""),
+             "|" + "---|" * (15 + recovered)]
     for row in rows:
         seeds, seconds = row["seeds"], row["train_s"]
         back = [s["recovered"] for s in seeds if "recovered" in s]
+        low, least = worst(row)
         lines.append(
             f"| {row['world']} | {row['concept']} | {row['model']} | {cell(s['erased'] for s in seeds)} | "
-            f"**{pct(mean(s['erased'] for s in seeds))}** | {pct(mean(s['synonyms'] for s in seeds))} | "
-            f"{cell(s['kept_obj'] for s in seeds)} | **{pct(mean(s['kept_obj'] for s in seeds))}** | "
+            f"**{pct(mean(s['erased'] for s in seeds))}** (lowest {low}) | {pct(mean(s['synonyms'] for s in seeds))} | "
+            f"{cell(s['kept_obj'] for s in seeds)} | **{pct(mean(s['kept_obj'] for s in seeds))}** | {least} | "
             f"{pct(mean(s['kept_col'] for s in seeds))} | {pct(mean(s['kept_as_erased'] for s in seeds))} | "
             f"{pct(mean(s.get('ceiling') for s in seeds))} | "
             f"{final_scores(seeds)} | {rates_used(seeds)} | "
@@ -220,6 +236,8 @@ def main(argv=None) -> int:
                     r["scores"] = erasure.settings.get("concept_scores", [])
                     r["stopped"] = erasure.settings.get("stopped")
                     r["learning_rate_used"] = erasure.settings.get("learning_rate_used")
+                    r["retain_set"] = erasure.settings.get("retain_set")
+                    r["preserve_raises"] = erasure.settings.get("preserve_raises")
                     if opts.recover and erasure.has_prompt and not erasure.prompt_at_inference:
                         back = measure(world, recover(world, erasure, strength), {"erased": sets["erased"]},
                                        opts.samples, with_scores=False, erased_colour=colour)["erased"]
@@ -230,7 +248,7 @@ def main(argv=None) -> int:
                 del trained
             label = f"{method}, preserve {{{', '.join(preserve)}}}" if preserve else method
             for strength in strengths:
-                add({"world": name, "concept": concept, "seeds": per_seed[strength],
+                add({"world": name, "concept": concept, "seeds": per_seed[strength], "seed_names": seeds,
                      "model": label if strength == 1 else f"{label}, strength {strength:g}",
                      "train_s": sum(seconds) / len(seconds), "settings": used, "strength": strength})
     print()

@@ -69,6 +69,14 @@ class DemoWorldCLIP:
     def encode(self, text: str) -> torch.Tensor:
         return self.encode_from_tokens(self.tokenize(text))
 
+    def retain_candidates(self) -> list:
+        """The world's own candidates for the trainer's retain set: every object word, every colour, every
+        coloured object."""
+        from .vocabulary import COLOURS, OBJECTS, SYNONYMS
+
+        words = [w for o in OBJECTS for w in (o,) + SYNONYMS.get(o, ())]
+        return [f"a {w}" for w in words] + list(COLOURS) + [f"a {c} {o}" for c in COLOURS for o in OBJECTS]
+
 
 class DemoWorldVAE:
     """The world's fixed linear 'VAE' (demo_world.renderer) at 8 pixels per latent cell."""

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..erasure import apply_erasure
 from ..erasure.concept_erasure import PLACEMENTS
-from ..trainer import CHECKPOINTING, DTYPES, FACTOR_ALPHAS, METHODS, TrainSettings, draw_loss_curves, train_erasure
+from ..trainer import (CHECKPOINTING, DTYPES, FACTOR_ALPHAS, METHODS, RETAINS, TrainSettings, draw_loss_curves,
+                       encode_candidates, train_erasure)
 from .types import CATEGORY, CONCEPT_ERASURE
 
 _DEFAULTS = TrainSettings()
@@ -177,6 +178,14 @@ class TrainConceptErasure:
                                           "96% instead of 99%, and robust training resisted the attack less. Check "
                                           "the erased and the kept prompts with Concept Erasure Report. Apply "
                                           "Concept Erasure's strength multiplies this again."),
+                "clip": ("CLIP", {"tooltip": "The model's CLIP: with it the trainer finds the concepts nearest to the "
+                                             "erased one and keeps them (retain)."}),
+                "retain": (list(RETAINS), {"default": d.retain, "tooltip":
+                           "Keep the nearest concepts the trainer finds (needs clip): auto when preserve is not "
+                           "connected, add to preserve's, or off."}),
+                "retain_candidates": ("STRING", {"default": "", "multiline": True, "tooltip":
+                                      "Your own candidate concepts for retain, one per line; empty = the pack's "
+                                      "vocabulary."}),
             },
         }
 
@@ -188,7 +197,8 @@ class TrainConceptErasure:
               adversarial_tokens=_DEFAULTS.adversarial_tokens,
               adversarial_learning_rate=_DEFAULTS.adversarial_learning_rate, score_every=_DEFAULTS.score_every,
               stop_at_score=_DEFAULTS.stop_at_score, min_score_rise=_DEFAULTS.min_score_rise,
-              factor_alpha=_DEFAULTS.factor_alpha, output_strength=_DEFAULTS.output_strength):
+              factor_alpha=_DEFAULTS.factor_alpha, output_strength=_DEFAULTS.output_strength, clip=None,
+              retain=_DEFAULTS.retain, retain_candidates=""):
         settings = TrainSettings(
             method=method, iterations=iterations, learning_rate=learning_rate,
             prompt_learning_rate=prompt_learning_rate, negative_guidance=negative_guidance,
@@ -199,9 +209,13 @@ class TrainConceptErasure:
             adversarial_steps=adversarial_steps, adversarial_every=adversarial_every,
             adversarial_tokens=adversarial_tokens, adversarial_learning_rate=adversarial_learning_rate,
             score_every=score_every, stop_at_score=stop_at_score, min_score_rise=min_score_rise,
-            factor_alpha=factor_alpha, output_strength=output_strength)
-        result = train_erasure(model, concept, unconditional, preserve, settings, concept_label)
-        curves = draw_loss_curves(result.losses, scores=result.scores, stop_at=stop_at_score)
+            factor_alpha=factor_alpha, output_strength=output_strength, retain=retain)
+        settings.validate()
+        candidates = encode_candidates(clip, retain_candidates) if clip is not None and retain != "off" else None
+        result = train_erasure(model, concept, unconditional, preserve, settings, concept_label,
+                               candidates=candidates)
+        curves = draw_loss_curves(result.losses, scores=result.scores, stop_at=stop_at_score, moved=result.moved,
+                                  retain=result.retain)
         return (apply_erasure(model, result.erasure), result.erasure, curves)
 
 

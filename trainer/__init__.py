@@ -13,6 +13,7 @@ attack.py         the attack on an erasure (adversarial tokens appended to the c
 iteration.py      the trainables, one iteration's loss terms and the optimizer step
 memory_count.py   shape-only models and a live-bytes counter
 memory_plan.py    the run's memory, counted before it starts; load whole or refuse with what would fit
+retain_set.py     the retain set the trainer finds: concepts near the erased one, kept by the preserve term
 learning_rate.py  min_score_rise: the deltas' rate doubled while the concept score barely moves
 erasure_loop.py   the loop, producing a ConceptErasure
 loss_plot.py      loss curves as a ComfyUI IMAGE
@@ -21,7 +22,9 @@ from .attack import AttackResult, AttackSettings, attack_erasure
 from .erasure_loop import TrainingError, TrainingResult, train_erasure
 from .loss_plot import draw_loss_curves
 from .memory_plan import MemoryPlan, TrainingMemoryError
-from .settings import CHECKPOINTING, DTYPES, FACTOR_ALPHAS, METHODS, TrainSettings
+from .retain_set import Candidates, RetainSet, encode_candidates
+from .settings import CHECKPOINTING, DTYPES, FACTOR_ALPHAS, METHODS, RETAINS, TrainSettings
 
 __all__ = ["AttackResult", "AttackSettings", "attack_erasure", "TrainingError", "TrainingResult", "train_erasure", "draw_loss_curves", "MemoryPlan",
-           "TrainingMemoryError", "CHECKPOINTING", "DTYPES", "FACTOR_ALPHAS", "METHODS", "TrainSettings"]
+           "TrainingMemoryError", "CHECKPOINTING", "DTYPES", "FACTOR_ALPHAS", "METHODS", "RETAINS", "TrainSettings",
+           "Candidates", "RetainSet", "encode_candidates"]

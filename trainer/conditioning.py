@@ -151,6 +151,16 @@ def weighted_mse(a: torch.Tensor, b: torch.Tensor, weights: Optional[torch.Tenso
     return ((a - b).pow(2).flatten(1).mean(1) * weights).mean()
 
 
+def encode_text(clip, text: str) -> list:
+    """A CONDITIONING for `text`, exactly as CLIP Text Encode makes it on this host (upstream schedules hooks, the
+    fork returns the pooled output beside the tokens)."""
+    tokens = clip.tokenize(text)
+    if hasattr(clip, "encode_from_tokens_scheduled"):
+        return clip.encode_from_tokens_scheduled(tokens)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
 def encode_entries(base_model, conditioning, latent_shape: Sequence[int], device, prompt_type: str,
                    seed: int) -> List[Cond]:
     """One dict of apply_model keyword tensors (batch 1) per conditioning entry (a Prompt or [context, options]),

@@ -29,6 +29,7 @@ from .memory_plan import MemoryPlan, MemoryPlanner, RunShape, TrainingMemoryErro
 from .model_patches import model_patches
 from .precision import compute_dtype, loss_scaler, weight_dtype
 from .prediction import prediction_kind, sampling_schedule
+from .retain_set import SAMPLES as RETAIN_SAMPLES, Candidates, RetainSet, choose
 from .settings import TrainSettings, default_resolution
 from .trajectories import sample_trajectories
 
@@ -47,6 +48,9 @@ ROBUST_BELOW_FULL_STRENGTH = (
     "benchmark, two training seeds); saving 0.7 of them resisted less on two runs of three (50.0% on one). Set "
     "output_strength to 1 for robust training.")
 
+MAX_WATCH_WEIGHT = 16.0  # retain_watch doubles a kept concept's preserve weight at most to this
+
+
 class TrainingError(RuntimeError):
     """Training stopped (e.g. the loss became NaN); no erasure was produced and the input model is unchanged."""
 
@@ -57,6 +61,8 @@ class TrainingResult:
     losses: Dict[str, List[float]] = field(default_factory=dict)
     memory: Optional[MemoryPlan] = None
     scores: List[Tuple[int, float]] = field(default_factory=list)  # (iteration, concept score), erasure_score.py
+    moved: List[Tuple[int, float]] = field(default_factory=list)  # (iteration, most any kept concept moved)
+    retain: Optional[RetainSet] = None
 
 
 def concept_names(label: str) -> List[str]:
@@ -64,8 +70,12 @@ def concept_names(label: str) -> List[str]:
 
 
 def train_erasure(model, concept, unconditional, preserve=None, settings: Optional[TrainSettings] = None,
-                  concept_label: str = "", on_iteration: Optional[Callable[[int], None]] = None) -> TrainingResult:
+                  concept_label: str = "", on_iteration: Optional[Callable[[int], None]] = None,
+                  candidates: Optional[Candidates] = None) -> TrainingResult:
     """Train an erasure of `concept` on `model` (a ComfyUI MODEL, never changed). Inputs are checked first.
+
+    candidates (retain_set.encode_candidates, from the user's CLIP): what the trainer builds its retain set from
+    when settings.retain asks for one (auto: when nothing is kept through `preserve`).
 
     on_iteration(n) is called after each iteration n (1-based); the loop also advances a comfy ProgressBar and
     stops on ComfyUI's interrupt (InterruptProcessingException), like a sampler.
@@ -83,7 +93,8 @@ def train_erasure(model, concept, unconditional, preserve=None, settings: Option
         (concept, "concept"), (unconditional, "unconditional"), (preserve, "preserve")))
     recorded = _recorded_inputs(model, concept, preserve)
     kept = [p for p in preserve if p.weight > 0]
-    if settings.adversarial and not kept:
+    retain_from = _retain_candidates(settings, candidates, kept, context_dim, sampling)
+    if settings.adversarial and not kept and retain_from is None:
         log.warning(ROBUST_WITHOUT_PRESERVE)
     if settings.adversarial and settings.rank > 0 and settings.factor_scale == "fan_in":
         log.warning(ROBUST_WITH_FAN_IN)
@@ -92,12 +103,27 @@ def train_erasure(model, concept, unconditional, preserve=None, settings: Option
     try:
         with torch.inference_mode(False):
             result = _train(model, [p for p in concept if p.weight > 0], unconditional[0], kept, settings,
-                            context_dim, kind, concept_names(concept_label), on_iteration)
+                            context_dim, kind, concept_names(concept_label), on_iteration, retain_from)
     finally:
         if torch.device(model.load_device).type != "cpu":
             comfy.model_management.soft_empty_cache()
     result.erasure.settings.update(recorded)
     return result
+
+
+def _retain_candidates(s: TrainSettings, candidates: Optional[Candidates], kept: List[Prompt], context_dim: int,
+                       sampling) -> Optional[Tuple[Candidates, List[Prompt]]]:
+    """The candidates as Prompts when this run builds a retain set, else None."""
+    if s.retain == "off" or s.preserve_weight == 0 or (s.retain == "auto" and kept):
+        return None
+    if candidates is None or not candidates.entries:
+        if candidates is None and not kept:
+            log.info("no preserve and no CLIP: the trainer cannot find the concepts near the one erased to keep "
+                     "them; connect clip (or preserve) to Train Concept Erasure")
+        return None
+    entries = conditioning_entries(candidates.entries, "retain candidates")
+    check_width(entries, "retain candidates", context_dim)
+    return candidates, read_prompts(entries, "retain candidates", sampling)
 
 
 def _recorded_inputs(model, concept: List[Prompt], preserve: List[Prompt]) -> Dict[str, object]:
@@ -169,9 +195,9 @@ def plan_and_load(patcher, planner: MemoryPlanner, s: TrainSettings, resolution:
 
 
 def _train(model, concept, unconditional, preserve, settings: TrainSettings, context_dim: int, kind: str,
-           concepts: List[str], on_iteration) -> TrainingResult:
+           concepts: List[str], on_iteration, retain_from=None) -> TrainingResult:
     s = settings
-    use_preserve = bool(preserve) and s.preserve_weight > 0
+    use_preserve = (bool(preserve) or retain_from is not None) and s.preserve_weight > 0
     patcher = model.clone()
     base = patcher.model
     channels = getattr(base.latent_format, "latent_channels", None) or base.diffusion_model.in_channels
@@ -183,17 +209,21 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
 
     concepts_c = encode_entries(base, concept, latent_shape, device, "positive", s.seed)
     uncond_c = encode_entries(base, [unconditional], latent_shape, device, "negative", s.seed)[0]
-    preserve_c = encode_entries(base, preserve, latent_shape, device, "positive", s.seed) if use_preserve else []
+    def encode(prompts):
+        return encode_entries(base, prompts, latent_shape, device, "positive", s.seed)
+
+    preserve_c = encode(preserve) if use_preserve else []
+    planned = preserve_c or (encode(retain_from[1][:1]) if retain_from is not None else [])
     options = patcher.model_options.get("transformer_options", {})
     planner = MemoryPlanner(RunShape(base, options, device, dtype, channels, context_dim, kind, concepts_c, uncond_c,
-                                     preserve_c))
+                                     planned))
     plan = plan_and_load(patcher, planner, s, resolution)
     timesteps, sigmas, all_sigmas = sampling_schedule(base.model_sampling, s.sampling_steps)
 
     token_scale = float(torch.cat([c["c_crossattn"].flatten().float().cpu() for c in concepts_c]).std())
     parts = build_trainables(base.diffusion_model, s, context_dim, token_scale, device, gen)
     scaler = loss_scaler(dtype, device)
-    log = _LossLog(s, sync_every=1 if device.type == "cpu" else 10)
+    losses = _LossLog(s, sync_every=1 if device.type == "cpu" else 10)
     progress = comfy.utils.ProgressBar(s.iterations)
     check_interrupt = comfy.model_management.throw_exception_if_processing_interrupted
 
@@ -208,6 +238,26 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
         scorer = HeldOutScore(denoiser, concepts_c, uncond_c, latent_shape, timesteps, sigmas, all_sigmas,
                               s.sampling_cfg, s.seed, base.model_sampling, check_interrupt) \
             if s.score_every or s.min_score_rise else None
+        retain = None
+        if retain_from is not None:
+            found, prompts = retain_from
+            judge = HeldOutScore(denoiser, concepts_c, uncond_c, latent_shape, timesteps, sigmas, all_sigmas,
+                                 s.sampling_cfg, s.seed, base.model_sampling, check_interrupt, seed_offset=3,
+                                 samples=RETAIN_SAMPLES)
+            retain = choose(judge, prompts, found.texts, encode, concept, unconditional, concepts, found.source,
+                            s.retain_size)
+            log.info(retain.describe())
+            preserve = list(preserve) + retain.kept_prompts
+            preserve_c = preserve_c + encode(retain.kept_prompts)
+            use_preserve = bool(preserve_c)
+        labels = [f"preserve {i + 1}" for i in range(len(preserve_c) - len(retain.kept if retain else []))] + \
+            [t for t, _ in (retain.kept if retain else [])]
+        watch = HeldOutScore(denoiser, preserve_c, uncond_c, latent_shape, timesteps, sigmas, all_sigmas,
+                             s.sampling_cfg, s.seed, base.model_sampling, check_interrupt, seed_offset=2) \
+            if use_preserve and s.score_every else None
+        moved: List[Tuple[int, float]] = []
+        moved_each: List[list] = []
+        raised: List[list] = []
         rate = RateRaise(parts.optimizer.param_groups[0], s.min_score_rise, parts.optimizer.param_groups[1:])
         pool = None
         for it in range(s.iterations):
@@ -226,12 +276,20 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
                                pair_weights([preserve[j] for j in kept], device, sigma, all_sigmas),
                                parts.adversary, it, check_interrupt)
             optimizer_step(parts, scaler)
-            log.add(it + 1, terms)
+            losses.add(it + 1, terms)
             progress.update(1)
             if on_iteration is not None:
                 on_iteration(it + 1)
             scheduled = s.score_every and ((it + 1) % s.score_every == 0 or it + 1 == s.iterations)
             raising = rate.due(it + 1)
+            if scheduled and watch is not None:
+                each = watch.moved_each(prompt_attached=s.method == "lp_attached")
+                moved.append((it + 1, max(each)))
+                moved_each.append([it + 1, [round(m, 4) for m in each]])
+                for k, m in enumerate(each):
+                    if s.retain_watch and m > s.retain_watch and preserve[k].weight < MAX_WATCH_WEIGHT:
+                        preserve[k].weight *= 2
+                        raised.append([it + 1, labels[k], round(m, 4), preserve[k].weight])
             if scheduled or raising:
                 scores.append((it + 1, scorer.score(prompt_attached=s.method == "lp_attached")))
                 if raising:
@@ -239,7 +297,7 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
                 if scheduled and s.stop_at_score and scores[-1][1] >= s.stop_at_score and it + 1 < s.iterations:
                     stopped = {"iteration": it + 1, "reason": f"concept score {scores[-1][1]:.3f} reached "
                                                               f"stop_at_score {s.stop_at_score:g}"}
-                    log.finish(it + 1)
+                    losses.finish(it + 1)
                     progress.update(s.iterations - it - 1)
                     break
 
@@ -256,9 +314,12 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
         settings=dict(s.to_dict(), factor_alpha_used=s.factor_scale, compute_dtype=plan.dtype,
                       gradient_checkpointing_used=plan.checkpointing, stopped=stopped,
                       preserve_prompts=len(preserve) if use_preserve else 0,
-                      concept_scores=[[i, round(v, 4)] for i, v in scores], **rate.record()),
+                      concept_scores=[[i, round(v, 4)] for i, v in scores], **rate.record(),
+                      **({"retain_set": retain.record()} if retain else {}),
+                      **({"preserve_moved": {"labels": labels, "moved": moved_each}, "preserve_raises": raised}
+                         if watch is not None else {})),
         base_model=type(base.model_config).__name__,
         pack_version=PACK_VERSION,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    return TrainingResult(erasure, log.history, plan, scores)
+    return TrainingResult(erasure, losses.history, plan, scores, moved, retain)

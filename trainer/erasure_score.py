@@ -8,10 +8,14 @@ pairs are the same with or without scoring), noised at the report's levels with 
 
 eps = (x - denoised) / sigma, as the report computes it, whatever the model predicts; eta is the report's (1), so
 the figure is the one Concept Erasure Report prints: 0 = unchanged, 0.5 = like the empty prompt, 1 = ESD's target.
+
+The same points for the concepts to keep (retain_set.py) give the report's 'moved' per kept concept:
+|eps'(k) - eps(k)| / |target - eps(k)|, what the erasure is taking with it.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from typing import Callable, List, Sequence
 
 import torch
 
@@ -26,13 +30,15 @@ class HeldOutScore:
     original's predictions there; score() then needs one forward pass of the student per concept and level."""
 
     def __init__(self, denoiser: Denoiser, concepts: Sequence[Cond], unconditional: Cond, latent_shape, timesteps,
-                 sigmas, all_sigmas, cfg: float, seed: int, model_sampling, check_interrupt: Callable[[], None]):
-        generator = torch.Generator().manual_seed((seed + 1) % (1 << 64))
+                 sigmas, all_sigmas, cfg: float, seed: int, model_sampling, check_interrupt: Callable[[], None],
+                 seed_offset: int = 1, samples: int = 1):
+        generator = torch.Generator().manual_seed((seed + seed_offset) % (1 << 64))
         self.denoiser = denoiser
+        self.eta = ETA
         levels = [float(model_sampling.percent_to_sigma(p)) for p in LEVELS]
         self.points = []  # per concept and level: cond, x [1, C, H, W], sigma [1], eps(c) of the original, to_target
         with torch.no_grad():  # one concept at a time: no larger batch than a training iteration's
-            for j, concept in enumerate(concepts):
+            for j, concept in [(j, c) for j, c in enumerate(concepts) for _ in range(samples)]:
                 pool = sample_trajectories(denoiser, concepts, unconditional, [j], latent_shape, timesteps, sigmas,
                                            all_sigmas, cfg, generator, prompt=False, check_interrupt=check_interrupt)
                 x0 = pool.xs[-1]  # the concept's sample
@@ -53,11 +59,31 @@ class HeldOutScore:
         denoised = CondBatch([cond], [1 if uncond else 0]).run(forward, x, sigma).float()
         return (x.float() - denoised) / sigma.float().view(-1, 1, 1, 1)
 
+    def eps_batch(self, x, sigma, conds: Sequence[Cond]) -> torch.Tensor:
+        """The original's eps for one cond per row of x (retain_set.py ranks candidates with it)."""
+        def forward(xs, ss, c, cond_or_uncond):
+            return self.denoiser.denoised(xs, ss, c, deltas=False, prompt=False, cond_or_uncond=cond_or_uncond)
+
+        denoised = CondBatch(list(conds), [0]).run(forward, x, sigma).float()
+        return (x.float() - denoised) / sigma.float().view(-1, 1, 1, 1)
+
     def score(self, prompt_attached: bool = False) -> float:
         """The concepts' mean score for the student as it is now (prompt_attached: lp_attached's inference)."""
+        return sum(self.toward_each(prompt_attached)) / len(self.totals)
+
+    def toward_each(self, prompt_attached: bool = False) -> List[float]:
         moved = [0.0] * len(self.totals)
         with torch.no_grad():
             for j, concept, x, sig, eps_c, to_target in self.points:
                 eps_e = self._eps(x, sig, concept, deltas=True, prompt=prompt_attached)
                 moved[j] += float(((eps_e - eps_c) * to_target).sum())
-        return sum(m / max(t, 1e-12) for m, t in zip(moved, self.totals)) / len(self.totals)
+        return [m / max(t, 1e-12) for m, t in zip(moved, self.totals)]
+
+    def moved_each(self, prompt_attached: bool = False) -> List[float]:
+        """The report's 'moved' for each concept: the size of the student's change in any direction."""
+        moved = [0.0] * len(self.totals)
+        with torch.no_grad():
+            for j, concept, x, sig, eps_c, _ in self.points:
+                eps_e = self._eps(x, sig, concept, deltas=True, prompt=prompt_attached)
+                moved[j] += float(((eps_e - eps_c) ** 2).sum())
+        return [math.sqrt(m / max(t, 1e-12)) for m, t in zip(moved, self.totals)]

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 COLORS = {"erase": (220, 60, 50), "key": (40, 110, 220), "preserve": (30, 150, 70), "total": (90, 90, 90)}
 SCORE_COLOR = (150, 60, 170)
+MOVED_COLOR = (230, 130, 20)
 _FALLBACK = [(160, 80, 180), (200, 140, 20), (20, 160, 170)]
 
 
@@ -22,14 +23,16 @@ def _smooth(values: List[float], window: int) -> List[float]:
 
 
 def draw_loss_curves(losses: Dict[str, List[float]], width: int = 768, height: int = 384,
-                     scores: Optional[Sequence[Tuple[int, float]]] = None, stop_at: float = 0.0) -> torch.Tensor:
+                     scores: Optional[Sequence[Tuple[int, float]]] = None, stop_at: float = 0.0,
+                     moved: Optional[Sequence[Tuple[int, float]]] = None, retain=None) -> torch.Tensor:
     """One line per term (log10 scale when every value is positive), lightly smoothed, with a legend; and the
     concept score measured during training ((iteration, score) pairs, erasure_score.py) on a linear axis at the
-    right, with the stop_at_score line when there is one."""
+    right, with the stop_at_score line when there is one; and, on the same axis, how far the most-moved kept
+    concept has moved (`moved`, the report's measure). `retain` (a RetainSet) is listed under the plot."""
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    left, right, top, bottom = 64, 56 if scores else 16, 28, 36
+    left, right, top, bottom = 64, 56 if scores or moved else 16, 28, 36 + (14 if retain is not None else 0)
     plot_w, plot_h = width - left - right, height - top - bottom
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(0, 0, 0))
     series = {k: [v for v in vals if math.isfinite(v)] for k, vals in losses.items() if vals}
@@ -68,26 +71,49 @@ def draw_loss_curves(losses: Dict[str, List[float]], width: int = 768, height: i
         if log_scale:
             draw.line([(left - 4, y), (left, y)], fill=(0, 0, 0))
         draw.text((4, y - 6), f"1e{tick}" if log_scale else f"{tick:.3g}", fill=(0, 0, 0), font=font)
-    if scores:
-        _draw_scores(draw, font, scores, stop_at, (left, top, plot_w, plot_h), steps, len(smoothed))
+    box = (left, top, plot_w, plot_h)
+    if scores or moved:
+        values = [v for _, v in [*(scores or []), *(moved or [])]]
+        scale = (min(0.0, *values), max(1.0, stop_at, *values))
+        if scores:
+            _draw_scores(draw, font, scores, stop_at, box, steps, len(smoothed), scale)
+        if moved:
+            _draw_series(draw, moved, box, steps, scale, MOVED_COLOR)
+            draw.text((left + 8 + 110 * (len(smoothed) + bool(scores)), 8), f"kept moved {moved[-1][1]:.2f}",
+                      fill=MOVED_COLOR, font=font)
+    if retain is not None:
+        kept = ", ".join(t for t, _ in retain.kept) or "none"
+        draw.text((left, height - 16), f"kept: {kept}"[:width // 6], fill=MOVED_COLOR, font=font)
     draw.text((left, top + plot_h + 8), "iteration 1", fill=(0, 0, 0), font=font)
     draw.text((left + plot_w - 80, top + plot_h + 8), f"iteration {steps}", fill=(0, 0, 0), font=font)
     return _to_tensor(image)
 
 
-def _draw_scores(draw, font, scores, stop_at, box, steps, legend_index) -> None:
+def _scaled(box, steps, scale):
     left, top, plot_w, plot_h = box
-    values = [v for _, v in scores]
-    low, high = min(0.0, *values), max(1.0, stop_at, *values)
+    low, high = scale
 
     def point(iteration, v):
         return (left + ((iteration - 1) / max(1, steps - 1)) * plot_w, top + (1 - (v - low) / (high - low)) * plot_h)
 
-    points = [point(i, v) for i, v in scores]
+    return point
+
+
+def _draw_series(draw, series, box, steps, scale, color) -> None:
+    point = _scaled(box, steps, scale)
+    points = [point(i, v) for i, v in series]
     if len(points) > 1:
-        draw.line(points, fill=SCORE_COLOR, width=2)
+        draw.line(points, fill=color, width=2)
     for x, y in points:
-        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=SCORE_COLOR)
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+
+
+def _draw_scores(draw, font, scores, stop_at, box, steps, legend_index, scale) -> None:
+    left, top, plot_w, plot_h = box
+    values = [v for _, v in scores]
+    low, high = scale
+    point = _scaled(box, steps, scale)
+    _draw_series(draw, scores, box, steps, scale, SCORE_COLOR)
     if stop_at:
         y = point(1, stop_at)[1]
         for x in range(int(left), int(left + plot_w), 12):

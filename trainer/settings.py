@@ -13,6 +13,7 @@ PROMPT_METHODS = ("lp", "lp_attached")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINTING = ("auto", "on", "off")
 FACTOR_SCALES = ("rank", "fan_in")  # what DeltaSet scales factors by (deltas.py)
+RETAINS = ("auto", "add", "off")  # auto: build a retain set when preserve is not connected (retain_set.py)
 FACTOR_ALPHAS = ("auto",) + FACTOR_SCALES  # auto: fan_in, or rank for robust training (factor_scale)
 MAX_SAMPLING_STEPS = 1000
 
@@ -49,6 +50,9 @@ class TrainSettings:
     min_score_rise: float = 0.5
     factor_alpha: str = "auto"
     output_strength: float = 1.0
+    retain: str = "auto"
+    retain_size: int = 8
+    retain_watch: float = 0.0
 
     @property
     def uses_prompt(self) -> bool:
@@ -83,6 +87,11 @@ class TrainSettings:
         _choice("dtype", self.dtype, DTYPES)
         _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
         _choice("factor_alpha", self.factor_alpha, FACTOR_ALPHAS)
+        _choice("retain", self.retain, RETAINS)
+        _at_least("retain_size", self.retain_size, 1)
+        _finite("retain_watch", self.retain_watch)
+        if self.retain_watch < 0:
+            raise ErasureError(f"retain_watch must be 0 (off) or more, got {self.retain_watch}")
         _at_least("iterations", self.iterations, 1)
         _at_least("sampling_steps", self.sampling_steps, 1)
         if self.sampling_steps > MAX_SAMPLING_STEPS:
