@@ -186,6 +186,10 @@ class TrainConceptErasure:
                 "retain_candidates": ("STRING", {"default": "", "multiline": True, "tooltip":
                                       "Your own candidate concepts for retain, one per line; empty = the pack's "
                                       "vocabulary."}),
+                "retain_size": _int(d.retain_size, 1, 64, "How many of the nearest concepts retain keeps."),
+                "retain_watch": _float(d.retain_watch, 0.0, 10.0, 0.01,
+                                       "Double a kept concept's preserve weight each time it has moved more than "
+                                       "this (the report's 'moved'); 0 = off."),
             },
         }
 
@@ -198,7 +202,8 @@ class TrainConceptErasure:
               adversarial_learning_rate=_DEFAULTS.adversarial_learning_rate, score_every=_DEFAULTS.score_every,
               stop_at_score=_DEFAULTS.stop_at_score, min_score_rise=_DEFAULTS.min_score_rise,
               factor_alpha=_DEFAULTS.factor_alpha, output_strength=_DEFAULTS.output_strength, clip=None,
-              retain=_DEFAULTS.retain, retain_candidates=""):
+              retain=_DEFAULTS.retain, retain_candidates="", retain_size=_DEFAULTS.retain_size,
+              retain_watch=_DEFAULTS.retain_watch):
         settings = TrainSettings(
             method=method, iterations=iterations, learning_rate=learning_rate,
             prompt_learning_rate=prompt_learning_rate, negative_guidance=negative_guidance,
@@ -209,7 +214,8 @@ class TrainConceptErasure:
             adversarial_steps=adversarial_steps, adversarial_every=adversarial_every,
             adversarial_tokens=adversarial_tokens, adversarial_learning_rate=adversarial_learning_rate,
             score_every=score_every, stop_at_score=stop_at_score, min_score_rise=min_score_rise,
-            factor_alpha=factor_alpha, output_strength=output_strength, retain=retain)
+            factor_alpha=factor_alpha, output_strength=output_strength, retain=retain, retain_size=retain_size,
+            retain_watch=retain_watch)
         settings.validate()
         candidates = encode_candidates(clip, retain_candidates) if clip is not None and retain != "off" else None
         result = train_erasure(model, concept, unconditional, preserve, settings, concept_label,

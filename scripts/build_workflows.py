@@ -85,9 +85,9 @@ TRAIN = dict(
             "2. Concept: type what to erase (an artist's style, an object, a person), and the same words in "
             "concept_label on Train Concept Erasure (stored in the file).\n"
             "3. Leave the second prompt empty: it is the unconditional prompt.\n"
-            "4. Concept to keep: the nearest concept that must survive (another painter here); its predictions "
-            "are held to the original's. An erasure can take its neighbours with it, so name them; more with "
-            "Conditioning (Combine); delete the node to train without.\n"
+            "4. Concept to keep: a concept that must survive (another painter here); its predictions are held to "
+            "the original's. With clip connected the trainer also finds the concepts nearest to the erased one "
+            "and keeps them (retain: add here; auto, the default, does so when preserve is not connected).\n"
             "5. Queue. Training takes a while (about 1000 iterations on a GPU); the queue's cancel button stops "
             "it and writes nothing.\n"
             "6. The erasure is saved as models/concept_erasure/van_gogh_00001_.safetensors: open "
@@ -96,7 +96,7 @@ TRAIN = dict(
         node("concept", "CLIPTextEncode", (C1, 0), {"text": CONCEPT_TEXT}, "Concept to erase", size=(400, 200)),
         node("empty", "CLIPTextEncode", (C1, 240), {"text": ""}, "Empty prompt (unconditional)", size=(400, 200)),
         node("keep", "CLIPTextEncode", (C1, 480), {"text": KEPT_TEXT}, "Concept to keep (preserve)", size=(400, 200)),
-        node("train", "TrainConceptErasure", (C2, 0), {"concept_label": CONCEPT_TEXT,
+        node("train", "TrainConceptErasure", (C2, 0), {"concept_label": CONCEPT_TEXT, "retain": "add",
                                                       "control_after_generate": "fixed"}, size=(400, 0)),
         node("save", "SaveConceptErasure", (C2 + 460, 0), {"filename_prefix": "concept_erasure/van_gogh"},
              size=(400, 58)),
@@ -104,7 +104,8 @@ TRAIN = dict(
     ],
     links=[("ckpt", 1, "concept", "clip"), ("ckpt", 1, "empty", "clip"), ("ckpt", 1, "keep", "clip"),
            ("ckpt", 0, "train", "model"), ("concept", 0, "train", "concept"), ("empty", 0, "train", "unconditional"),
-           ("keep", 0, "train", "preserve"), ("train", 1, "save", "erasure"), ("train", 2, "curves", "images")],
+           ("keep", 0, "train", "preserve"), ("ckpt", 1, "train", "clip"), ("train", 1, "save", "erasure"),
+           ("train", 2, "curves", "images")],
 )
 
 APPLY = dict(
@@ -299,7 +300,7 @@ DEMO = dict(
              size=(360, 640)),
     ],
     links=[("world", 1, "concept", "clip"), ("world", 1, "empty", "clip"), ("world", 0, "train", "model"),
-           ("concept", 0, "train", "concept"), ("empty", 0, "train", "unconditional"),
+           ("concept", 0, "train", "concept"), ("empty", 0, "train", "unconditional"), ("world", 1, "train", "clip"),
            ("train", 1, "save", "erasure"), ("train", 2, "curves", "images"), *_DEMO_PROMPT_LINKS,
            ("world", 0, "report", "original_model"), ("train", 0, "report", "erased_model"),
            (_DEMO_COMBINED, 0, "report", "prompts"), ("empty", 0, "report", "unconditional"),

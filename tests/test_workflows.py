@@ -41,7 +41,12 @@ def test_train_workflow_saves_an_erasure_with_metadata_and_a_loss_curve(trained_
     assert concept == "Van Gogh" and json.loads(meta["concepts"]) == [concept]
     settings = json.loads(meta["settings"])
     assert meta["method"] and settings["iterations"] == 2
-    assert settings["preserve_prompts"] == 1  # the workflow's concept to keep is wired to preserve
+    # the workflow's concept to keep is wired to preserve, and with clip wired (retain add) the trainer adds the
+    # nearest concepts of the pack's vocabulary to it
+    found = settings["retain_set"]
+    assert found["source"] == "the pack's vocabulary" and found["considered"] > 250 and len(found["kept"]) == 8
+    assert settings["preserve_prompts"] == 1 + len(found["kept"])
+    assert settings["preserve_moved"]["labels"][0] == "preserve 1"
     assert meta["context_dim"] == "768"
     assert keys, "the erasure file holds no tensors"
     previews = [img for out in entry["outputs"].values() for img in out.get("images", [])]

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 ROBUST_WITHOUT_PRESERVE = (
     "adversarial_steps without a preserve conditioning: robust training also erases concepts near the one you "
     "erase (on the pack's benchmark, 62% of the other objects kept instead of 98%). Connect preserve with the "
-    "concepts to keep, the ones closest to the erased concept first, and raise preserve_weight (3 on the benchmark).")
+    "concepts to keep, the ones closest to the erased concept first, and raise preserve_weight (3 on the benchmark); "
+    "or connect clip, and the trainer finds them itself (retain).")
 ROBUST_WITH_FAN_IN = (
     "adversarial_steps with factor_alpha fan_in: on the pack's benchmark robust training resisted the attack far "
     "less this way (52.5% of the concept's samples still erased after it) than with factor_alpha rank (94.4%, the "
