@@ -219,13 +219,18 @@ def attacked(world, model, samples: int, seeds, iterations: int) -> dict:
 
 
 def attack_table(rows) -> str:
-    lines = ["| model | erased ↑ | erased after attack ↑ | kept obj ↑ | least kept object ↑ | kept → erased ↓ "
-             "| attack loss before → after | train s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | erased ↑ | erased after attack ↑ | kept obj ↑ | least kept object ↑ | held out of every "
+             "set, kept ↑ | kept → erased ↓ | attack loss before → after | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, r, seconds in rows:
         a = r["attack"]
-        least = min(r["kept"]["per_object"].items(), key=lambda item: item[1])
+        per_object = r["kept"]["per_object"]
+        least = min(per_object.items(), key=lambda item: item[1])
+        held = r.get("held_out")
+        held = "–" if held is None else ", ".join(f"{o} {pct(per_object[o])}" for o in held) or "none held out"
         lines.append(f"| {label} | {pct(1 - r['erased']['object'])} | {pct(a['not_shown'])} | "
-                     f"{pct(r['kept']['object'])} | {least[0]} {pct(least[1])} | {pct(r['kept']['as_erased'])} | "
+                     f"{pct(r['kept']['object'])} | {least[0]} {pct(least[1])} | {held} | "
+                     f"{pct(r['kept']['as_erased'])} | "
                      f"{a['loss_before']:.3g} → {a['loss_after']:.3g} | {'–' if seconds is None else f'{seconds:.0f}'} |")
     return "\n".join(lines)
 
@@ -362,9 +367,13 @@ def attack_rows(world, opts, mode, common, started) -> int:
               preserve) for m in opts.robust_methods.split(",") if m]
     for label, settings, kept_set in runs:
         model, seconds, used = world.model, None, None
+        named = set(kept_set or ())
         if settings is not None:
-            model, _, seconds, used = train(world, settings, [ERASED], preserve=kept_set)
+            model, erasure, seconds, used = train(world, settings, [ERASED], preserve=kept_set)
+            found = erasure.settings.get("retain_set") or {}
+            named |= {word for text, _ in found.get("kept", []) for word in text.split()}
         r = measure(world, model, single, mode["samples"], with_scores=False)
+        r["held_out"] = None if settings is None else sorted(set(r["kept"]["per_object"]) - named)
         r["attack"] = attacked(world, model, mode["samples"], seeds, opts.attack_iterations)
         rows.append((label, r, seconds))
         records.append({"label": label, "train_seconds": seconds, "settings": used, **r})

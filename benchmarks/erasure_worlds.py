@@ -238,6 +238,7 @@ def main(argv=None) -> int:
                     r["learning_rate_used"] = erasure.settings.get("learning_rate_used")
                     r["retain_set"] = erasure.settings.get("retain_set")
                     r["preserve_raises"] = erasure.settings.get("preserve_raises")
+                    r["preserve_moved"] = erasure.settings.get("preserve_moved")
                     if opts.recover and erasure.has_prompt and not erasure.prompt_at_inference:
                         back = measure(world, recover(world, erasure, strength), {"erased": sets["erased"]},
                                        opts.samples, with_scores=False, erased_colour=colour)["erased"]
