@@ -244,14 +244,16 @@ def score(value) -> str:
 
 
 def table(rows) -> str:
-    lines = ["| model | erased ↑ | synonyms ↑ | kept obj ↑ | kept col ↑ | kept → erased ↓ | score e | score k "
-             "| train s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | erased ↑ | synonyms ↑ | kept obj ↑ | least-kept object ↑ | kept col ↑ | kept → erased ↓ "
+             "| score e | score k | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, r, seconds in rows:
         erased = r["erased"]["object"]
         synonyms = r["synonyms"]["object"]
+        least = min(r["kept"]["per_object"].items(), key=lambda item: item[1], default=None)
         lines.append(
             f"| {label} | {pct(None if erased is None else 1 - erased)} | "
             f"{pct(None if synonyms is None else 1 - synonyms)} | {pct(r['kept']['object'])} | "
+            f"{'–' if least is None else f'{least[0]} {pct(least[1])}'} | "
             f"{pct(r['kept']['colour'])} | {pct(r['kept']['as_erased'])} | {score(r['scores']['erased'])} | "
             f"{score(r['scores']['kept'])} | "
             f"{'–' if seconds is None else f'{seconds:.0f}'} |")
