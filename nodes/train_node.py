@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..erasure import apply_erasure
 from ..erasure.concept_erasure import PLACEMENTS
-from ..trainer import (CHECKPOINTING, DTYPES, FACTOR_ALPHAS, METHODS, RETAINS, TrainSettings, draw_loss_curves,
-                       encode_candidates, train_erasure)
+from ..trainer import (CHECKPOINTING, DTYPES, FACTOR_ALPHAS, METHODS, PRESERVE_IMAGES, RETAINS, TrainSettings,
+                       draw_loss_curves, encode_candidates, train_erasure)
 from .types import CATEGORY, CONCEPT_ERASURE
 
 _DEFAULTS = TrainSettings()
@@ -190,6 +190,9 @@ class TrainConceptErasure:
                 "retain_watch": _float(d.retain_watch, 0.0, 10.0, 0.01,
                                        "Double a kept concept's preserve weight each time it has moved more than "
                                        "this (the report's 'moved'); 0 = off."),
+                "preserve_images": (list(PRESERVE_IMAGES), {"default": d.preserve_images, "tooltip":
+                                    "Where kept concepts are held to the original: on their own images (own) or on "
+                                    "the erased concept's (concept, as before)."}),
             },
         }
 
@@ -203,7 +206,7 @@ class TrainConceptErasure:
               stop_at_score=_DEFAULTS.stop_at_score, min_score_rise=_DEFAULTS.min_score_rise,
               factor_alpha=_DEFAULTS.factor_alpha, output_strength=_DEFAULTS.output_strength, clip=None,
               retain=_DEFAULTS.retain, retain_candidates="", retain_size=_DEFAULTS.retain_size,
-              retain_watch=_DEFAULTS.retain_watch):
+              retain_watch=_DEFAULTS.retain_watch, preserve_images=_DEFAULTS.preserve_images):
         settings = TrainSettings(
             method=method, iterations=iterations, learning_rate=learning_rate,
             prompt_learning_rate=prompt_learning_rate, negative_guidance=negative_guidance,
@@ -215,7 +218,7 @@ class TrainConceptErasure:
             adversarial_tokens=adversarial_tokens, adversarial_learning_rate=adversarial_learning_rate,
             score_every=score_every, stop_at_score=stop_at_score, min_score_rise=min_score_rise,
             factor_alpha=factor_alpha, output_strength=output_strength, retain=retain, retain_size=retain_size,
-            retain_watch=retain_watch)
+            retain_watch=retain_watch, preserve_images=preserve_images)
         settings.validate()
         candidates = encode_candidates(clip, retain_candidates) if clip is not None and retain != "off" else None
         result = train_erasure(model, concept, unconditional, preserve, settings, concept_label,

@@ -192,6 +192,31 @@ def test_loss_terms_of_mixed_length_concepts_equal_their_single_concept_terms():
         assert torch.allclose(weighted[term], single[1][term], rtol=1e-5), term  # (0 * a + 2 * b) / 2
 
 
+def test_the_preserve_term_is_evaluated_on_its_own_images_and_the_erase_term_on_the_concepts():
+    """preserve_images own: the preserve pairs' x and sigma are their own; everything else is unchanged."""
+    from comfyui_concept_erasure.trainer.iteration import loss_terms as _loss_terms
+    from comfyui_concept_erasure.trainer.settings import TrainSettings
+
+    model = build_model("sd15")
+    denoiser = prompted_denoiser(model)
+    settings = TrainSettings(method="esd_x")
+    uncond, concept, kept = ({"c_crossattn": context(seed=seed)} for seed in (9, 1, 2))
+    g = torch.Generator().manual_seed(4)
+    x_t, x_p = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    sigma, sigma_p = torch.tensor([2.0]), torch.tensor([0.7])
+    with torch.inference_mode(False), trainable_model(model.model), denoiser.deltas.attached():
+        with torch.no_grad():
+            for p in denoiser.deltas.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)  # a student that differs from its teacher
+        split = _loss_terms(denoiser, settings, x_t, sigma, uncond, [concept], [kept], lambda loss: None,
+                            preserve_at=(x_p, sigma_p))
+        on_concept = _loss_terms(denoiser, settings, x_t, sigma, uncond, [concept], [kept], lambda loss: None)
+        on_own = _loss_terms(denoiser, settings, x_p, sigma_p, uncond, [concept], [kept], lambda loss: None)
+    assert torch.allclose(split["erase"], on_concept["erase"], rtol=1e-5)
+    assert torch.allclose(split["preserve"], on_own["preserve"], rtol=1e-5)
+    assert not torch.allclose(split["preserve"], on_concept["preserve"], rtol=1e-2)
+
+
 def test_sdxl_conditioning_gets_the_pooled_vector_the_sampler_would_use():
     model = build_model("sdxl")
     pooled = torch.randn(1, 1280, generator=torch.Generator().manual_seed(3))

@@ -23,8 +23,8 @@ from .erasure_loop import TrainingError, TrainingResult, train_erasure
 from .loss_plot import draw_loss_curves
 from .memory_plan import MemoryPlan, TrainingMemoryError
 from .retain_set import Candidates, RetainSet, encode_candidates
-from .settings import CHECKPOINTING, DTYPES, FACTOR_ALPHAS, METHODS, RETAINS, TrainSettings
+from .settings import CHECKPOINTING, DTYPES, FACTOR_ALPHAS, METHODS, PRESERVE_IMAGES, RETAINS, TrainSettings
 
 __all__ = ["AttackResult", "AttackSettings", "attack_erasure", "TrainingError", "TrainingResult", "train_erasure", "draw_loss_curves", "MemoryPlan",
-           "TrainingMemoryError", "CHECKPOINTING", "DTYPES", "FACTOR_ALPHAS", "METHODS", "RETAINS", "TrainSettings",
+           "TrainingMemoryError", "CHECKPOINTING", "DTYPES", "FACTOR_ALPHAS", "METHODS", "PRESERVE_IMAGES", "RETAINS", "TrainSettings",
            "Candidates", "RetainSet", "encode_candidates"]

@@ -31,7 +31,7 @@ from .precision import compute_dtype, loss_scaler, weight_dtype
 from .prediction import prediction_kind, sampling_schedule
 from .retain_set import SAMPLES as RETAIN_SAMPLES, Candidates, RetainSet, choose
 from .settings import TrainSettings, default_resolution
-from .trajectories import sample_trajectories
+from .trajectories import kept_trajectories, sample_trajectories
 
 log = logging.getLogger(__name__)
 ROBUST_WITHOUT_PRESERVE = (
@@ -256,6 +256,12 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
         watch = HeldOutScore(denoiser, preserve_c, uncond_c, latent_shape, timesteps, sigmas, all_sigmas,
                              s.sampling_cfg, s.seed, base.model_sampling, check_interrupt, seed_offset=2) \
             if use_preserve and s.score_every else None
+        own_images = None
+        if use_preserve and s.preserve_images == "own":
+            keep_gen = torch.Generator().manual_seed((s.seed + 4) % (1 << 64))
+            own_images = kept_trajectories(denoiser, preserve_c, uncond_c, latent_shape, timesteps, sigmas,
+                                           all_sigmas, s.sampling_cfg, keep_gen, check_interrupt,
+                                           [p.timesteps for p in preserve])
         moved: List[Tuple[int, float]] = []
         moved_each: List[list] = []
         raised: List[list] = []
@@ -270,12 +276,18 @@ def _train(model, concept, unconditional, preserve, settings: TrainSettings, con
                                            check_interrupt=check_interrupt,
                                            timestep_ranges=[p.timesteps for p in concept])
             x_t, sigma, picked = pool.draw(s.batch_size, gen)
-            kept = torch.randint(len(preserve_c), (s.batch_size,), generator=gen).tolist() if use_preserve else []
+            preserve_at = None
+            if own_images is not None:  # the kept concepts' own images
+                x_p, sigma_p, kept = own_images.draw(s.batch_size, keep_gen)
+                preserve_at = (x_p, sigma_p)
+            else:
+                kept = torch.randint(len(preserve_c), (s.batch_size,), generator=gen).tolist() if use_preserve else []
+                sigma_p = sigma
             terms = loss_terms(denoiser, s, x_t, sigma, uncond_c, [concepts_c[j] for j in picked],
                                [preserve_c[j] for j in kept], backward,
                                pair_weights([concept[j] for j in picked], device),
-                               pair_weights([preserve[j] for j in kept], device, sigma, all_sigmas),
-                               parts.adversary, it, check_interrupt)
+                               pair_weights([preserve[j] for j in kept], device, sigma_p, all_sigmas),
+                               parts.adversary, it, check_interrupt, preserve_at)
             optimizer_step(parts, scaler)
             losses.add(it + 1, terms)
             progress.update(1)

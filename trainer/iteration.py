@@ -5,7 +5,8 @@ Per iteration (x_t, t pairs come from trajectories sampled by the student, see t
   target = e0 - eta * (ep - e0)
   erase:    |eps_theta(x_t, c) - target|^2      without the prompt (lp, esd_*) or with it (lp_attached)
   key:      |eps_theta,P(x_t, c) - ep|^2         lp only: the prompt carries the concept, the weights lose it
-  preserve: |eps_theta(x_t, c_p) - eps*(x_t, c_p)|^2   one preserved concept drawn per pair
+  preserve: |eps_theta(x_p, c_p) - eps*(x_p, c_p)|^2   one preserved concept drawn per pair, on its own images x_p
+            (preserve_images own: the original's trajectories for c_p) or on the concept's x_t (concept)
   erase_adv (adversarial_steps > 0): |eps_theta(x_t, c + a) - target|^2, where the tokens a are appended to the
             concept's text and, every adversarial_every iterations, refitted for adversarial_steps steps so that
             eps_theta(x_t, c + a) = ep (attack.py: the attack, against the current student)
@@ -60,12 +61,21 @@ def build_trainables(unet: torch.nn.Module, s: TrainSettings, context_dim: int, 
 def loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concepts, preserves, backward,
                concept_weights: Optional[torch.Tensor] = None,
                preserve_weights: Optional[torch.Tensor] = None, adversary: Optional[Adversary] = None,
-               iteration: int = 0, check_interrupt: Callable[[], None] = lambda: None) -> Dict[str, torch.Tensor]:
+               iteration: int = 0, check_interrupt: Callable[[], None] = lambda: None,
+               preserve_at=None) -> Dict[str, torch.Tensor]:
     """One iteration's loss terms, back-propagated (concepts / preserves: one cond per pair, or no preserves).
 
     concept_weights / preserve_weights: per pair (the conditioning's strength and range), None = all 1.
     adversary: robust training's (Trainables.adversary); iteration (0-based) says when its tokens are refitted.
+    preserve_at: (x_p, sigma_p) where the preserve pairs are evaluated; None = the concept's (x_t, sigma).
     """
+    x_p, sigma_p = preserve_at if preserve_at is not None else (x_t, sigma)
+
+    def rows(parts: int, preserved: bool):
+        """x and sigma for `parts` chunks of the concept's pairs, then the preserve pairs' chunk if `preserved`."""
+        return (torch.cat([x_t] * parts + ([x_p] if preserved else [])),
+                torch.cat([sigma] * parts + ([sigma_p] if preserved else [])))
+
     def run(conds, cond_or_uncond, x, sig, **views):
         return CondBatch(conds, cond_or_uncond).run(
             lambda xs, ss, cond, cu: denoiser.output(xs, ss, cond, cond_or_uncond=cu, **views), x, sig)
@@ -73,7 +83,7 @@ def loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concept
     chunks = 3 if preserves else 2
     with torch.no_grad():  # teacher: uncond, concept [, preserved concept] in one batch
         teacher = run([uncond] * len(concepts) + concepts + preserves, [1, 0, 0][:chunks],
-                      x_t.repeat(chunks, 1, 1, 1), sigma.repeat(chunks), deltas=False, prompt=False)
+                      *rows(2, bool(preserves)), deltas=False, prompt=False)
     e0, ep, *kept = teacher.chunk(chunks)
     target = e0 - s.negative_guidance * (ep - e0)
 
@@ -94,8 +104,8 @@ def loss_terms(denoiser: Denoiser, s: TrainSettings, x_t, sigma, uncond, concept
     if erase or preserves:  # student without the key prompt (with it for lp_attached): erase [+ adv] [+ preserve]
         erased = (concepts + adversarial) if erase else []
         parts = len(erased) // len(concepts) + int(bool(preserves))
-        student = run(erased + preserves, [0] * parts, x_t.repeat(parts, 1, 1, 1),
-                      sigma.repeat(parts), deltas=True, prompt=attached).chunk(parts)
+        student = run(erased + preserves, [0] * parts, *rows(parts - int(bool(preserves)), bool(preserves)),
+                      deltas=True, prompt=attached).chunk(parts)
         loss = 0.0
         if erase:
             terms["erase"] = weighted_mse(student[0], target, concept_weights)

@@ -13,6 +13,7 @@ PROMPT_METHODS = ("lp", "lp_attached")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINTING = ("auto", "on", "off")
 FACTOR_SCALES = ("rank", "fan_in")  # what DeltaSet scales factors by (deltas.py)
+PRESERVE_IMAGES = ("own", "concept")  # where the preserve term is evaluated (iteration.py)
 RETAINS = ("auto", "add", "off")  # auto: build a retain set when preserve is not connected (retain_set.py)
 FACTOR_ALPHAS = ("auto",) + FACTOR_SCALES  # auto: fan_in, or rank for robust training (factor_scale)
 MAX_SAMPLING_STEPS = 1000
@@ -50,6 +51,7 @@ class TrainSettings:
     min_score_rise: float = 0.5
     factor_alpha: str = "auto"
     output_strength: float = 1.0
+    preserve_images: str = "own"
     retain: str = "auto"
     retain_size: int = 8
     retain_watch: float = 0.0
@@ -88,6 +90,7 @@ class TrainSettings:
         _choice("gradient_checkpointing", self.gradient_checkpointing, CHECKPOINTING)
         _choice("factor_alpha", self.factor_alpha, FACTOR_ALPHAS)
         _choice("retain", self.retain, RETAINS)
+        _choice("preserve_images", self.preserve_images, PRESERVE_IMAGES)
         _at_least("retain_size", self.retain_size, 1)
         _finite("retain_watch", self.retain_watch)
         if self.retain_watch < 0:

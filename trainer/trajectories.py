@@ -92,3 +92,17 @@ def sample_trajectories(denoiser: Denoiser, concepts: Sequence[Cond], unconditio
     if timestep_ranges is not None and any(r is not None for r in timestep_ranges):
         ranges = [timestep_ranges[j] for j in concept_index]
     return TrajectoryPool(torch.stack(points), timesteps, sigmas, all_sigmas, list(concept_index), ranges)
+
+
+def kept_trajectories(denoiser: Denoiser, kept: Sequence[Cond], unconditional: Cond, latent_shape, timesteps,
+                      sigmas, all_sigmas, cfg: float, generator: torch.Generator,
+                      check_interrupt: Callable[[], None],
+                      timestep_ranges: Sequence[TimestepRange]) -> TrajectoryPool:
+    """One trajectory of each kept concept, sampled before the first step (the original's own images of it), one
+    concept at a time (no larger batch than a training iteration's): where the preserve term holds it."""
+    pools = [sample_trajectories(denoiser, kept, unconditional, [j], latent_shape, timesteps, sigmas, all_sigmas, cfg,
+                                 generator, prompt=False, check_interrupt=check_interrupt)
+             for j in range(len(kept))]
+    ranges = list(timestep_ranges) if any(r is not None for r in timestep_ranges) else None
+    return TrajectoryPool(torch.cat([p.xs for p in pools], 1), timesteps, sigmas, all_sigmas, list(range(len(kept))),
+                          ranges)
