@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/train_demo_world.py     # the committed demo_world/world.safetensors: seed 0, defaults below
     .venv/bin/python benchmarks/train_demo_world.py --world deep --steps 5000    # benchmarks/worlds/deep.safetensors
     .venv/bin/python benchmarks/train_demo_world.py --world large --steps 3000   # benchmarks/worlds/large.safetensors
+    .venv/bin/python benchmarks/train_demo_world.py --world heldout --steps STEPS  # benchmarks/worlds/heldout.safetensors
 
-The worlds differ in latent size, UNet shape and text-encoder depth (demo_world/spec.py); each trains its own
-classifier on its own renders.
+The worlds differ in latent size, UNet shape, text encoder and (heldout) vocabulary and shapes
+(demo_world/spec.py); each trains its own classifier on its own renders, in its own words.
 
 Seeded and single-threaded by default, so the same command on the same torch gives the same file.
 The UNet learns the standard eps objective (unweighted MSE on the noise) on comfy's SD1.5 discrete schedule
@@ -34,7 +35,6 @@ host.setup(host.threads_from_argv(sys.argv))  # before the pack (and comfy) is i
 
 from comfyui_concept_erasure.demo_world.renderer import (images_to_model_latent, random_labels,  # noqa: E402
                                                          render_batch, render_empty)
-from comfyui_concept_erasure.demo_world.vocabulary import COLOURS, OBJECTS, random_caption  # noqa: E402
 from comfyui_concept_erasure.demo_world.classifier import Classifier  # noqa: E402
 from comfyui_concept_erasure.demo_world.text_encoder import TextEncoder  # noqa: E402
 from comfyui_concept_erasure.demo_world.unet import build_unet  # noqa: E402
@@ -58,17 +58,15 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(classifier, rng: random.Random, generator: torch.Generator, steps: int, log,
-                     size: int) -> float:
-    from comfyui_concept_erasure.demo_world.classifier import OBJECT_CLASSES
-
+                     size: int, vocabulary) -> float:
     opt = torch.optim.Adam(classifier.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     classifier.train()
     for step in range(steps):
-        labels = random_labels(rng, 112)
+        labels = random_labels(rng, 112, vocabulary)
         images = torch.cat([render_batch(rng, labels, size), render_empty(rng, 16, size)])
-        obj = torch.tensor([OBJECT_CLASSES.index(o) for o, _ in labels] + [len(OBJECTS)] * 16)
-        colour = torch.tensor([COLOURS.index(c) for _, c in labels])
+        obj = torch.tensor([vocabulary.objects.index(o) for o, _ in labels] + [len(vocabulary.objects)] * 16)
+        colour = torch.tensor([vocabulary.colours.index(c) for _, c in labels])
         obj_logits, colour_logits = classifier(augment(images, generator))
         loss = F.cross_entropy(obj_logits, obj) + F.cross_entropy(colour_logits[:112], colour)
         opt.zero_grad()
@@ -78,7 +76,7 @@ def train_classifier(classifier, rng: random.Random, generator: torch.Generator,
         if step % 200 == 0 or step == steps - 1:
             log(f"classifier step {step}: loss {loss.item():.4f}")
     classifier.eval()
-    labels = random_labels(rng, 500)
+    labels = random_labels(rng, 500, vocabulary)
     objs, colours = classifier.read(render_batch(rng, labels, size))
     return sum(o == lo and c == lc for (lo, lc), o, c in zip(labels, objs, colours)) / len(labels)
 
@@ -111,7 +109,7 @@ def draw_timesteps(batch: int, high_noise_share: float, generator: torch.Generat
 
 
 def train_diffusion(model, text_encoder, rng, generator, steps, batch, lr, ema_decay, dropout, high_noise_share,
-                    offset_noise, log, size):
+                    offset_noise, log, size, vocabulary):
     unet = model.model.diffusion_model
     sampling = model.get_model_object("model_sampling")
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -124,9 +122,9 @@ def train_diffusion(model, text_encoder, rng, generator, steps, batch, lr, ema_d
     started = time.time()
     with CloneNormInputs(unet):
         for step in range(steps):
-            labels = random_labels(rng, batch)
+            labels = random_labels(rng, batch, vocabulary)
             x0 = images_to_model_latent(render_batch(rng, labels, size))
-            captions = ["" if rng.random() < dropout else random_caption(rng, o, c) for o, c in labels]
+            captions = ["" if rng.random() < dropout else vocabulary.random_caption(rng, o, c) for o, c in labels]
             context = text_encoder.encode(captions)
             t = draw_timesteps(batch, high_noise_share, generator)
             sigma = sampling.sigma(t.float())
@@ -155,7 +153,7 @@ def evaluate(world, seed: int, count: int, log) -> dict:
     """Object / colour accuracy of the trained world's samples, for every object and colour."""
     from comfyui_concept_erasure.demo_world.world import read_prompt_samples
 
-    captions = [f"a {c} {o}" for o in OBJECTS for c in COLOURS]
+    captions = [f"a {c} {o}" for o in world.vocabulary.objects for c in world.vocabulary.colours]
     reads = read_prompt_samples(world, world.model, captions, seed, count)
     obj_ok = col_ok = total = 0
     for caption, (objs, colours) in zip(captions, reads):
@@ -182,13 +180,15 @@ def main(argv=None) -> int:
     torch.manual_seed(opts.seed)
     rng, generator = random.Random(opts.seed), torch.Generator().manual_seed(opts.seed)
     started = time.time()
-    classifier = Classifier()
-    classifier_accuracy = train_classifier(classifier, rng, generator, opts.classifier_steps, log, spec.size)
+    classifier = Classifier(spec.vocabulary)
+    classifier_accuracy = train_classifier(classifier, rng, generator, opts.classifier_steps, log, spec.size,
+                                           spec.vocabulary)
     log(f"classifier accuracy on fresh renders: {classifier_accuracy:.3f} ({time.time() - started:.0f} s)")
-    model, text_encoder = build_unet(opts.seed, spec), TextEncoder(layers=spec.text_layers)
+    model = build_unet(opts.seed, spec)
+    text_encoder = TextEncoder(spec.text_width, layers=spec.text_layers, vocabulary=spec.vocabulary)
     train_diffusion(model, text_encoder, rng, generator, opts.steps, opts.batch, opts.lr, opts.ema,
                     opts.caption_dropout, opts.high_noise_share,
-                    opts.offset_noise, log, spec.size)
+                    opts.offset_noise, log, spec.size, spec.vocabulary)
     train_seconds = time.time() - started
     settings = {k: getattr(opts, k) for k in DEFAULTS}
     world_arg = "" if opts.world == "demo" else f"--world {opts.world} "
