@@ -5,8 +5,8 @@
     .venv/bin/python benchmarks/erasure_worlds.py --worlds large --concept square --strengths 1,0.7 \
         --set output_strength=1      # one training per seed, measured with all of its deltas and with 0.7 of them
 
-The worlds (demo_world/spec.py) share the vocabulary (heldout aside) and the renderer's scenes and differ in latent size, UNet
-shape and text-encoder depth; each has its own classifier and its own concept to erase (WORLD_CONCEPTS):
+The worlds (demo_world/spec.py) share the vocabulary (heldout aside) and the renderer's scenes and differ in latent
+size, UNet shape and text-encoder depth; each has its own classifier and its own concept to erase (WORLD_CONCEPTS):
 
   demo    16x16 latents, cross-attention at 8x8 only, 1 text layer      (demo_world/world.safetensors)   "a square"
   deep    16x16, two transformer blocks per attention site, 3 text layers (benchmarks/worlds/deep.safetensors)  "red"

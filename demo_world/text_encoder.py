@@ -1,7 +1,8 @@
 """A small text encoder whose output is the CONDITIONING: [batch, 8 tokens, 768] like SD1.x's CLIP output.
 
 Token + position embeddings (one per word of the world's vocabulary), pre-norm transformer layers (one in the demo
-world) WIDTH wide unless the world's spec says otherwise, a final norm and a projection to 768 (the cross-attention context size of the SD1.x family, so the world's UNet is an 'SD1.x' model to the pack).
+world) WIDTH wide unless the world's spec says otherwise, a final norm and a projection to 768 (the cross-attention
+context size of the SD1.x family, so the world's UNet is an 'SD1.x' model to the pack).
 It is trained jointly with the UNet; synonyms share no parameters, they only share training images.
 """
 from __future__ import annotations
