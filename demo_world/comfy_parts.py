@@ -40,7 +40,10 @@ class DemoWorldCLIP:
         return DemoWorldCLIP(self.text_encoder)
 
     def example(self) -> str:
-        return f"a {self.vocabulary.colours[0]} {self.vocabulary.objects[1]}"  # 'a red square' in the demo world
+        """'a red square' in the demo world (a colour that reads well after 'a', the only article it knows)."""
+        colours = self.vocabulary.colours
+        colour = next((c for c in colours if c[0] not in "aeiou"), colours[0])
+        return f"a {colour} {self.vocabulary.objects[1]}"
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
         words, known = words_of(text), self.vocabulary.known_words
