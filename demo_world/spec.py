@@ -1,7 +1,7 @@
 """What makes one synthetic world differ from another: latent size, UNet shape, text encoder, vocabulary, shapes.
 
 Every world shares the renderer's scenes (scaled to its size) and the fixed linear 'VAE'; its objects are the
-renderer's shapes it draws (each object word names one, renderer.SHAPES) and its colours the renderer's colours
+renderer's shapes it draws (each object word names one, shapes.SHAPES) and its colours the renderer's colours
 it paints. The demo world is DEMO (demo_world/world.safetensors); the benchmark's other worlds are trained by
 benchmarks/train_demo_world.py --world NAME into benchmarks/worlds/NAME.safetensors. A world file records its spec
 in its metadata, so a file loads into the shape it was trained in; a field added later takes its default, the
@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Dict, Tuple
 
+from .renderer import RGB
+from .shapes import SHAPES
 from .vocabulary import DEFAULT, Vocabulary
 
 
@@ -35,8 +37,6 @@ class WorldSpec:
     notes: str = field(default="", compare=False)
 
     def __post_init__(self):
-        from .renderer import RGB, SHAPES
-
         unknown = [o for o in self.objects if o not in SHAPES] + [c for c in self.colours if c not in RGB]
         if unknown:
             raise ValueError(f"world {self.name!r}: the renderer cannot draw {unknown}")
