@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/train_demo_world.py     # the committed demo_world/world.safetensors: seed 0, defaults below
     .venv/bin/python benchmarks/train_demo_world.py --world deep --steps 5000    # benchmarks/worlds/deep.safetensors
     .venv/bin/python benchmarks/train_demo_world.py --world large --steps 3000   # benchmarks/worlds/large.safetensors
-    .venv/bin/python benchmarks/train_demo_world.py --world heldout --steps STEPS  # benchmarks/worlds/heldout.safetensors
+    .venv/bin/python benchmarks/train_demo_world.py --world heldout --steps 2600 --classifier-cast 0.08
+        # benchmarks/worlds/heldout.safetensors
 
 The worlds differ in latent size, UNet shape, text encoder and (heldout) vocabulary and shapes
 (demo_world/spec.py); each trains its own classifier on its own renders, in its own words.
@@ -42,7 +43,7 @@ from comfyui_concept_erasure.demo_world.spec import WORLDS  # noqa: E402
 from comfyui_concept_erasure.demo_world.world import load_world, save_world  # noqa: E402
 
 DEFAULTS = dict(seed=0, steps=6000, batch=32, lr=1e-3, ema=0.995, classifier_steps=1200, caption_dropout=0.1,
-                high_noise_share=0.5, offset_noise=0.1)
+                high_noise_share=0.5, offset_noise=0.1, classifier_cast=0.0)
 HIGH_NOISE_FROM = 600  # timesteps 600..999: where a small eps-model's errors decide the image's overall colour
 
 
@@ -57,8 +58,16 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (images * gain + noise).clamp(0, 1)
 
 
+def colour_cast(images: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """A per-image offset of each channel: the colour cast a sample's background may carry (heldout's purples read
+    as cyan on a green cast until its classifier saw casts in training)."""
+    return (images + std * torch.randn((images.shape[0], 1, 1, 3), generator=generator)).clamp(0, 1)
+
+
 def train_classifier(classifier, rng: random.Random, generator: torch.Generator, steps: int, log,
-                     size: int, vocabulary) -> float:
+                     size: int, vocabulary, cast: float = 0.0, seed: int = 0) -> float:
+    # The casts draw from their own generator, so the option changes the classifier and nothing the UNet trains on.
+    cast_generator = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(classifier.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     classifier.train()
@@ -67,7 +76,8 @@ def train_classifier(classifier, rng: random.Random, generator: torch.Generator,
         images = torch.cat([render_batch(rng, labels, size), render_empty(rng, 16, size)])
         obj = torch.tensor([vocabulary.objects.index(o) for o, _ in labels] + [len(vocabulary.objects)] * 16)
         colour = torch.tensor([vocabulary.colours.index(c) for _, c in labels])
-        obj_logits, colour_logits = classifier(augment(images, generator))
+        images = augment(images, generator)
+        obj_logits, colour_logits = classifier(colour_cast(images, cast, cast_generator) if cast else images)
         loss = F.cross_entropy(obj_logits, obj) + F.cross_entropy(colour_logits[:112], colour)
         opt.zero_grad()
         loss.backward()
@@ -182,7 +192,7 @@ def main(argv=None) -> int:
     started = time.time()
     classifier = Classifier(spec.vocabulary)
     classifier_accuracy = train_classifier(classifier, rng, generator, opts.classifier_steps, log, spec.size,
-                                           spec.vocabulary)
+                                           spec.vocabulary, opts.classifier_cast, opts.seed)
     log(f"classifier accuracy on fresh renders: {classifier_accuracy:.3f} ({time.time() - started:.0f} s)")
     model = build_unet(opts.seed, spec)
     text_encoder = TextEncoder(spec.text_width, layers=spec.text_layers, vocabulary=spec.vocabulary)
