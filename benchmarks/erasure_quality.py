@@ -74,15 +74,18 @@ def combine(*conditionings) -> list:
     return [entry for c in conditionings for entry in c]
 
 
-def prompt_sets(erased_objects):
-    from comfyui_concept_erasure.demo_world.vocabulary import COLOURS, OBJECTS, SYNONYMS
+def prompt_sets(erased_objects, vocabulary=None):
+    """The world's prompts (`vocabulary`: the world's, World.vocabulary; default the demo world's)."""
+    from comfyui_concept_erasure.demo_world.vocabulary import DEFAULT
+
+    v = vocabulary or DEFAULT
 
     def prompts(word):
-        return [(f"a {c} {word}", c) for c in COLOURS] + [(f"a {word}", None)]
+        return [(f"a {c} {word}", c) for c in v.colours] + [(f"a {word}", None)]
 
     erased = [(p, c, o) for o in erased_objects for p, c in prompts(o)]
-    synonyms = [(p, c, o) for o in erased_objects for s in SYNONYMS.get(o, ()) for p, c in prompts(s)]
-    kept = [(f"a {c} {o}", c, o) for o in OBJECTS if o not in erased_objects for c in COLOURS]
+    synonyms = [(p, c, o) for o in erased_objects for s in v.synonyms_of(o) for p, c in prompts(s)]
+    kept = [(f"a {c} {o}", c, o) for o in v.objects if o not in erased_objects for c in v.colours]
     return {"erased": erased, "synonyms": synonyms, "kept": kept}
 
 
@@ -138,11 +141,11 @@ def measure(world, model, sets, samples: int, with_scores: bool, erased_colour: 
     return result
 
 
-def concept_caption(concept: str) -> str:
+def concept_caption(concept: str, vocabulary=None) -> str:
     """The prompt an erasure is trained on: "a square" for an object, "red" for a colour."""
-    from comfyui_concept_erasure.demo_world.vocabulary import COLOURS
+    from comfyui_concept_erasure.demo_world.vocabulary import DEFAULT
 
-    return concept if concept in COLOURS else f"a {concept}"
+    return concept if concept in (vocabulary or DEFAULT).colours else f"a {concept}"
 
 
 def train(world, settings: dict, concepts, preserve=None, recipe=None):
@@ -158,7 +161,7 @@ def train(world, settings: dict, concepts, preserve=None, recipe=None):
                   resolution=world.resolution)
     kwargs.update(settings, concept_label="\n".join(concepts))
     kwargs.setdefault("clip", DemoWorldCLIP(world.text_encoder))  # Load Demo World's CLIP, for the retain set
-    concept = combine(*(world.conditioning(concept_caption(c)) for c in concepts))
+    concept = combine(*(world.conditioning(concept_caption(c, world.vocabulary)) for c in concepts))
     kept = [f"a {o}" for o in preserve or ()]
     if kept:
         kwargs["preserve"] = combine(*(world.conditioning(caption) for caption in kept))
@@ -195,7 +198,7 @@ def attacked(world, model, samples: int, seeds, iterations: int) -> dict:
     from comfyui_concept_erasure.trainer import AttackSettings, attack_erasure
 
     uncond = world.unconditional()
-    captions = [caption for caption, _, _ in prompt_sets([ERASED])["erased"]]
+    captions = [caption for caption, _, _ in prompt_sets([ERASED], world.vocabulary)["erased"]]
     hidden = total = 0
     before, after, seconds = [], [], 0.0
     for seed in seeds:
@@ -312,7 +315,7 @@ def main(argv=None) -> int:
     common = dict(iterations=mode["iterations"], **{**recipe, **parse_overrides(opts.set)})
     world = load_world(opts.world) if opts.world else load_world()
     started = time.time()
-    single, pair = prompt_sets([ERASED]), prompt_sets([ERASED, SECOND])
+    single, pair = prompt_sets([ERASED], world.vocabulary), prompt_sets([ERASED, SECOND], world.vocabulary)
     rows, records = [], []
 
     def record(label, model, seconds, sets, settings):
@@ -356,7 +359,7 @@ def main(argv=None) -> int:
 
 def attack_rows(world, opts, mode, common, started) -> int:
     seeds = [int(x) for x in opts.attack_seeds.split(",") if x]
-    single = prompt_sets([ERASED])
+    single = prompt_sets([ERASED], world.vocabulary)
     single.pop("synonyms")
     rows, records = [], []
     preserve = tuple(o for o in opts.robust_preserve.split(",") if o)

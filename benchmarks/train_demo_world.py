@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/train_demo_world.py     # the committed demo_world/world.safetensors: seed 0, defaults below
     .venv/bin/python benchmarks/train_demo_world.py --world deep --steps 5000    # benchmarks/worlds/deep.safetensors
     .venv/bin/python benchmarks/train_demo_world.py --world large --steps 3000   # benchmarks/worlds/large.safetensors
+    .venv/bin/python benchmarks/train_demo_world.py --world heldout --steps 2600 --classifier-cast 0.08
+        # benchmarks/worlds/heldout.safetensors
 
-The worlds differ in latent size, UNet shape and text-encoder depth (demo_world/spec.py); each trains its own
-classifier on its own renders.
+The worlds differ in latent size, UNet shape, text encoder and (heldout) vocabulary and shapes
+(demo_world/spec.py); each trains its own classifier on its own renders, in its own words.
 
 Seeded and single-threaded by default, so the same command on the same torch gives the same file.
 The UNet learns the standard eps objective (unweighted MSE on the noise) on comfy's SD1.5 discrete schedule
@@ -34,7 +36,6 @@ host.setup(host.threads_from_argv(sys.argv))  # before the pack (and comfy) is i
 
 from comfyui_concept_erasure.demo_world.renderer import (images_to_model_latent, random_labels,  # noqa: E402
                                                          render_batch, render_empty)
-from comfyui_concept_erasure.demo_world.vocabulary import COLOURS, OBJECTS, random_caption  # noqa: E402
 from comfyui_concept_erasure.demo_world.classifier import Classifier  # noqa: E402
 from comfyui_concept_erasure.demo_world.text_encoder import TextEncoder  # noqa: E402
 from comfyui_concept_erasure.demo_world.unet import build_unet  # noqa: E402
@@ -42,7 +43,7 @@ from comfyui_concept_erasure.demo_world.spec import WORLDS  # noqa: E402
 from comfyui_concept_erasure.demo_world.world import load_world, save_world  # noqa: E402
 
 DEFAULTS = dict(seed=0, steps=6000, batch=32, lr=1e-3, ema=0.995, classifier_steps=1200, caption_dropout=0.1,
-                high_noise_share=0.5, offset_noise=0.1)
+                high_noise_share=0.5, offset_noise=0.1, classifier_cast=0.0)
 HIGH_NOISE_FROM = 600  # timesteps 600..999: where a small eps-model's errors decide the image's overall colour
 
 
@@ -57,19 +58,26 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (images * gain + noise).clamp(0, 1)
 
 
-def train_classifier(classifier, rng: random.Random, generator: torch.Generator, steps: int, log,
-                     size: int) -> float:
-    from comfyui_concept_erasure.demo_world.classifier import OBJECT_CLASSES
+def colour_cast(images: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """A per-image offset of each channel: the colour cast a sample's background may carry (heldout's purples read
+    as cyan on a green cast until its classifier saw casts in training)."""
+    return (images + std * torch.randn((images.shape[0], 1, 1, 3), generator=generator)).clamp(0, 1)
 
+
+def train_classifier(classifier, rng: random.Random, generator: torch.Generator, steps: int, log,
+                     size: int, vocabulary, cast: float = 0.0, seed: int = 0) -> float:
+    # The casts draw from their own generator, so the option changes the classifier and nothing the UNet trains on.
+    cast_generator = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.Adam(classifier.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     classifier.train()
     for step in range(steps):
-        labels = random_labels(rng, 112)
+        labels = random_labels(rng, 112, vocabulary)
         images = torch.cat([render_batch(rng, labels, size), render_empty(rng, 16, size)])
-        obj = torch.tensor([OBJECT_CLASSES.index(o) for o, _ in labels] + [len(OBJECTS)] * 16)
-        colour = torch.tensor([COLOURS.index(c) for _, c in labels])
-        obj_logits, colour_logits = classifier(augment(images, generator))
+        obj = torch.tensor([vocabulary.objects.index(o) for o, _ in labels] + [len(vocabulary.objects)] * 16)
+        colour = torch.tensor([vocabulary.colours.index(c) for _, c in labels])
+        images = augment(images, generator)
+        obj_logits, colour_logits = classifier(colour_cast(images, cast, cast_generator) if cast else images)
         loss = F.cross_entropy(obj_logits, obj) + F.cross_entropy(colour_logits[:112], colour)
         opt.zero_grad()
         loss.backward()
@@ -78,7 +86,7 @@ def train_classifier(classifier, rng: random.Random, generator: torch.Generator,
         if step % 200 == 0 or step == steps - 1:
             log(f"classifier step {step}: loss {loss.item():.4f}")
     classifier.eval()
-    labels = random_labels(rng, 500)
+    labels = random_labels(rng, 500, vocabulary)
     objs, colours = classifier.read(render_batch(rng, labels, size))
     return sum(o == lo and c == lc for (lo, lc), o, c in zip(labels, objs, colours)) / len(labels)
 
@@ -111,7 +119,7 @@ def draw_timesteps(batch: int, high_noise_share: float, generator: torch.Generat
 
 
 def train_diffusion(model, text_encoder, rng, generator, steps, batch, lr, ema_decay, dropout, high_noise_share,
-                    offset_noise, log, size):
+                    offset_noise, log, size, vocabulary):
     unet = model.model.diffusion_model
     sampling = model.get_model_object("model_sampling")
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -124,9 +132,9 @@ def train_diffusion(model, text_encoder, rng, generator, steps, batch, lr, ema_d
     started = time.time()
     with CloneNormInputs(unet):
         for step in range(steps):
-            labels = random_labels(rng, batch)
+            labels = random_labels(rng, batch, vocabulary)
             x0 = images_to_model_latent(render_batch(rng, labels, size))
-            captions = ["" if rng.random() < dropout else random_caption(rng, o, c) for o, c in labels]
+            captions = ["" if rng.random() < dropout else vocabulary.random_caption(rng, o, c) for o, c in labels]
             context = text_encoder.encode(captions)
             t = draw_timesteps(batch, high_noise_share, generator)
             sigma = sampling.sigma(t.float())
@@ -155,7 +163,7 @@ def evaluate(world, seed: int, count: int, log) -> dict:
     """Object / colour accuracy of the trained world's samples, for every object and colour."""
     from comfyui_concept_erasure.demo_world.world import read_prompt_samples
 
-    captions = [f"a {c} {o}" for o in OBJECTS for c in COLOURS]
+    captions = [f"a {c} {o}" for o in world.vocabulary.objects for c in world.vocabulary.colours]
     reads = read_prompt_samples(world, world.model, captions, seed, count)
     obj_ok = col_ok = total = 0
     for caption, (objs, colours) in zip(captions, reads):
@@ -182,13 +190,15 @@ def main(argv=None) -> int:
     torch.manual_seed(opts.seed)
     rng, generator = random.Random(opts.seed), torch.Generator().manual_seed(opts.seed)
     started = time.time()
-    classifier = Classifier()
-    classifier_accuracy = train_classifier(classifier, rng, generator, opts.classifier_steps, log, spec.size)
+    classifier = Classifier(spec.vocabulary)
+    classifier_accuracy = train_classifier(classifier, rng, generator, opts.classifier_steps, log, spec.size,
+                                           spec.vocabulary, opts.classifier_cast, opts.seed)
     log(f"classifier accuracy on fresh renders: {classifier_accuracy:.3f} ({time.time() - started:.0f} s)")
-    model, text_encoder = build_unet(opts.seed, spec), TextEncoder(layers=spec.text_layers)
+    model = build_unet(opts.seed, spec)
+    text_encoder = TextEncoder(spec.text_width, layers=spec.text_layers, vocabulary=spec.vocabulary)
     train_diffusion(model, text_encoder, rng, generator, opts.steps, opts.batch, opts.lr, opts.ema,
                     opts.caption_dropout, opts.high_noise_share,
-                    opts.offset_noise, log, spec.size)
+                    opts.offset_noise, log, spec.size, spec.vocabulary)
     train_seconds = time.time() - started
     settings = {k: getattr(opts, k) for k in DEFAULTS}
     world_arg = "" if opts.world == "demo" else f"--world {opts.world} "

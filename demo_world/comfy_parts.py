@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from . import renderer
 from .text_encoder import TextEncoder
-from .vocabulary import BOS, CONTEXT_LENGTH, EOS, PAD, WORDS, tokenize
+from .vocabulary import CONTEXT_LENGTH, DEFAULT, EOS
 
 PIXELS_PER_LATENT = 8
-KNOWN_WORDS = tuple(w for w in WORDS if w not in (PAD, BOS, EOS))
+KNOWN_WORDS = DEFAULT.known_words  # the demo world's (Load Demo World's description lists them)
 
 
 class DemoWorldError(ValueError):
@@ -29,31 +29,46 @@ def words_of(text: str) -> list:
 
 
 class DemoWorldCLIP:
-    """The world's text encoder behind the methods ComfyUI's text nodes call (fork and upstream)."""
+    """The world's text encoder behind the methods ComfyUI's text nodes call (fork and upstream); it knows the
+    words of the world's own vocabulary (the text encoder's)."""
 
     def __init__(self, text_encoder: TextEncoder):
         self.text_encoder = text_encoder
+        self.vocabulary = text_encoder.vocabulary
 
     def clone(self):
         return DemoWorldCLIP(self.text_encoder)
 
+    def example(self) -> str:
+        """'a red square' in the demo world (a colour that reads well after 'a', the only article it knows)."""
+        colours = self.vocabulary.colours
+        colour = next((c for c in colours if c[0] not in "aeiou"), colours[0])
+        return f"a {colour} {self.vocabulary.objects[1]}"
+
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
-        words = words_of(text)
-        unknown = [w for w in words if w not in KNOWN_WORDS]
+        words, known = words_of(text), self.vocabulary.known_words
+        unknown = [w for w in words if w not in known]
         if unknown:
             raise DemoWorldError(f"the demo world does not know {', '.join(repr(w) for w in unknown)} in "
-                                 f"{text!r}; it knows only: {', '.join(KNOWN_WORDS)} (e.g. 'a red square')")
+                                 f"{text!r}; it knows only: {', '.join(known)} (e.g. '{self.example()}')")
         if len(words) > CONTEXT_LENGTH - 2:
             raise DemoWorldError(f"{text!r} has {len(words)} words; the demo world reads at most "
-                                 f"{CONTEXT_LENGTH - 2} (e.g. 'a red square')")
-        return {"demo_world": tokenize([" ".join(words)])}
+                                 f"{CONTEXT_LENGTH - 2} (e.g. '{self.example()}')")
+        return {"demo_world": self.vocabulary.tokenize([" ".join(words)])}
+
+    def retain_candidates(self) -> list:
+        """Prompts of the world's own words to pick a retain (preserve) set from: "a {word}" for every object word
+        and synonym, every colour alone, and "a {colour} {object}" for every colour and object."""
+        v = self.vocabulary
+        return ([f"a {w}" for o in v.objects for w in v.words_for(o)] + list(v.colours)
+                + [f"a {c} {o}" for c in v.colours for o in v.objects])
 
     def encode_from_tokens(self, tokens: dict, return_pooled=False, return_dict: bool = False, **kwargs):
         ids = tokens["demo_world"]
         with torch.no_grad():
             cond = self.text_encoder(ids).detach().float()
         # The pooled vector sits at the end-of-text token, as in CLIP; SD1.x models do not use it.
-        eos = (ids == WORDS.index(EOS)).float().argmax(dim=1)
+        eos = (ids == self.vocabulary.token_ids[EOS]).float().argmax(dim=1)
         pooled = cond[torch.arange(cond.shape[0]), eos]
         if return_dict:
             return {"cond": cond, "pooled_output": pooled}
@@ -68,14 +83,6 @@ class DemoWorldCLIP:
 
     def encode(self, text: str) -> torch.Tensor:
         return self.encode_from_tokens(self.tokenize(text))
-
-    def retain_candidates(self) -> list:
-        """The world's own candidates for the trainer's retain set: every object word, every colour, every
-        coloured object."""
-        from .vocabulary import COLOURS, OBJECTS, SYNONYMS
-
-        words = [w for o in OBJECTS for w in (o,) + SYNONYMS.get(o, ())]
-        return [f"a {w}" for w in words] + list(COLOURS) + [f"a {c} {o}" for c in COLOURS for o in OBJECTS]
 
 
 class DemoWorldVAE:

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from .classifier import Classifier
 from .renderer import SIZE
+from .spec import DEMO, WorldSpec
+from .vocabulary import DEFAULT, Vocabulary
 
 WORLD_FILE = Path(__file__).resolve().parent / "world.safetensors"
 
@@ -22,14 +24,24 @@ def part(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tenso
     return {k[len(prefix) + 1:]: v.float() for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
-def classifier_from(tensors: Dict[str, torch.Tensor]) -> Classifier:
-    classifier = Classifier()
+def classifier_from(tensors: Dict[str, torch.Tensor], vocabulary: Vocabulary = DEFAULT) -> Classifier:
+    classifier = Classifier(vocabulary)
     classifier.load_state_dict(part(tensors, "classifier"))
     return classifier.eval()
 
 
+def spec_of(metadata: Dict[str, str]) -> WorldSpec:
+    """The spec a world file records; the demo world's file predates specs and records none."""
+    return WorldSpec.from_json(metadata["spec"]) if "spec" in metadata else DEMO
+
+
 def load_classifier(path: Path = WORLD_FILE) -> Classifier:
-    return classifier_from(load_file(str(path)))
+    """The world file's classifier, with the classes of the world's own vocabulary."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    return classifier_from(load_file(str(path)), spec_of(metadata).vocabulary)
 
 
 def to_world_size(images: torch.Tensor) -> torch.Tensor:

@@ -18,15 +18,16 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .vocabulary import COLOURS, OBJECTS
+from .shapes import SHAPES
+from .vocabulary import DEFAULT, Vocabulary
 
 SIZE = 16
 SUPERSAMPLE = 4
 SD15_LATENT_SCALE = 0.18215
 LATENT_MAP = (torch.eye(4) - 0.5)[:, :3]  # [4, 3], orthonormal columns
 GAIN, OFFSET = 4.0, 0.1
-RGB = {"red": (0.9, 0.15, 0.15), "green": (0.15, 0.8, 0.2), "blue": (0.2, 0.3, 0.95), "yellow": (0.95, 0.9, 0.15)}
-assert set(RGB) == set(COLOURS)
+RGB = {"red": (0.9, 0.15, 0.15), "green": (0.15, 0.8, 0.2), "blue": (0.2, 0.3, 0.95), "yellow": (0.95, 0.9, 0.15),
+       "orange": (0.95, 0.5, 0.1), "purple": (0.6, 0.2, 0.85), "cyan": (0.1, 0.85, 0.9), "white": (0.92, 0.92, 0.92)}
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,9 @@ def random_scene(rng: random.Random, obj: str, colour: str, size: int = SIZE) ->
 
 
 def _mask(obj: str, dx: torch.Tensor, dy: torch.Tensor, r: float) -> torch.Tensor:
-    dist = torch.sqrt(dx ** 2 + dy ** 2)
-    if obj == "circle":
-        return dist < r
-    if obj == "ring":
-        return (dist < r) & (dist > 0.55 * r)
-    if obj == "square":
-        return (dx.abs() < 0.8 * r) & (dy.abs() < 0.8 * r)
-    if obj == "triangle":  # apex up, base below the centre
-        top, bottom = -r, 0.8 * r
-        half_width = r * (dy - top) / (bottom - top)
-        return (dy > top) & (dy < bottom) & (dx.abs() < half_width)
-    if obj == "cross":
-        arm = 0.3 * r
-        return ((dx.abs() < arm) & (dy.abs() < r)) | ((dy.abs() < arm) & (dx.abs() < r))
-    raise ValueError(f"unknown object {obj!r}; the world draws {OBJECTS}")
+    if obj not in SHAPES:
+        raise ValueError(f"unknown object {obj!r}; the renderer draws {tuple(SHAPES)}")
+    return SHAPES[obj](dx, dy, r)
 
 
 def render(scene: Scene, size: int = SIZE) -> torch.Tensor:
@@ -86,8 +75,8 @@ def render_empty(rng: random.Random, count: int, size: int = SIZE) -> torch.Tens
     return torch.stack([torch.full((size, size, 3), rng.uniform(0.06, 0.14)) for _ in range(count)])
 
 
-def random_labels(rng: random.Random, count: int) -> List[Tuple[str, str]]:
-    return [(rng.choice(OBJECTS), rng.choice(COLOURS)) for _ in range(count)]
+def random_labels(rng: random.Random, count: int, vocabulary: Vocabulary = DEFAULT) -> List[Tuple[str, str]]:
+    return [(rng.choice(vocabulary.objects), rng.choice(vocabulary.colours)) for _ in range(count)]
 
 
 def images_to_model_latent(images: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,11 @@ import comfy.sample
 
 from . import renderer
 from .classifier import Classifier
-from .reading import WORLD_FILE, classifier_from, part
+from .reading import WORLD_FILE, classifier_from, part, spec_of
 from .spec import DEMO, WorldSpec
 from .text_encoder import TextEncoder
 from .unet import build_unet
+from .vocabulary import Vocabulary
 
 SAMPLER, SCHEDULER, STEPS, CFG = "euler", "normal", 20, 4.0
 
@@ -33,6 +34,10 @@ class World:
     def resolution(self) -> int:
         """Its images' side in ComfyUI's pixels (8 per latent cell, as SD's VAE): the trainer's `resolution`."""
         return 8 * self.spec.size
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self.spec.vocabulary
 
     def conditioning(self, caption: str) -> list:
         return self.text_encoder.conditioning(caption)
@@ -63,10 +68,11 @@ def load_world(path: Path = WORLD_FILE) -> World:
 
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
-    spec = WorldSpec.from_json(metadata["spec"]) if "spec" in metadata else DEMO
+    spec = spec_of(metadata)
     model = build_unet(spec=spec)
     model.model.diffusion_model.load_state_dict(part(tensors, "unet"))
-    text_encoder, classifier = TextEncoder(layers=spec.text_layers), classifier_from(tensors)
+    text_encoder = TextEncoder(spec.text_width, layers=spec.text_layers, vocabulary=spec.vocabulary)
+    classifier = classifier_from(tensors, spec.vocabulary)
     text_encoder.load_state_dict(part(tensors, "text"))
     text_encoder.eval()
     unet = model.model.diffusion_model

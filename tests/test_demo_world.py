@@ -7,8 +7,10 @@ import torch
 from host_nodes import host_nodes
 
 from comfyui_concept_erasure.demo_world import renderer
-from comfyui_concept_erasure.demo_world.comfy_parts import DemoWorldError
+from comfyui_concept_erasure.demo_world.comfy_parts import DemoWorldCLIP, DemoWorldError
 from comfyui_concept_erasure.demo_world.reading import load_classifier, read_images, read_report_grid
+from comfyui_concept_erasure.demo_world.spec import WORLDS
+from comfyui_concept_erasure.demo_world.text_encoder import TextEncoder
 from comfyui_concept_erasure.demo_world.world import load_world
 from comfyui_concept_erasure.nodes.demo_nodes import LoadDemoWorld
 from comfyui_concept_erasure.report import compare_models
@@ -106,3 +108,35 @@ def test_the_node_is_in_the_demo_category_with_tooltips():
     assert NODE_DISPLAY_NAME_MAPPINGS["LoadDemoWorld"] == "Load Demo World"
     assert LoadDemoWorld.CATEGORY == "concept_erasure/demo"
     assert len(LoadDemoWorld.OUTPUT_TOOLTIPS) == len(LoadDemoWorld.RETURN_TYPES) == 3
+
+
+def test_retain_candidates_are_the_demo_worlds_own_prompts(demo):
+    _, clip, _ = demo
+    candidates = clip.retain_candidates()
+    assert candidates[:8] == ["a circle", "a disc", "a square", "a box", "a triangle", "a cross", "a plus", "a ring"]
+    assert candidates[8:12] == ["red", "green", "blue", "yellow"]
+    assert candidates[12:] == [f"a {c} {o}" for c in ("red", "green", "blue", "yellow")
+                               for o in ("circle", "square", "triangle", "cross", "ring")]
+    assert encode(clip, candidates[-1])[0][0].shape == (1, 8, 768)
+
+
+@pytest.mark.parametrize("name", sorted(WORLDS))
+def test_retain_candidates_are_in_each_worlds_words_and_encode(name):
+    spec = WORLDS[name]
+    v = spec.vocabulary
+    clip = DemoWorldCLIP(TextEncoder(spec.text_width, layers=spec.text_layers, vocabulary=v))  # untrained is enough
+    candidates = clip.retain_candidates()
+    object_words = [w for o in v.objects for w in v.words_for(o)]
+    assert len(candidates) == len(set(candidates)) == len(object_words) + len(v.colours) * (1 + len(v.objects))
+    assert {f"a {w}" for w in object_words} | set(v.colours) <= set(candidates)
+    with torch.no_grad():
+        assert all(clip.encode(c).shape == (1, 8, 768) for c in candidates)
+
+
+def test_a_worlds_clip_knows_only_its_own_words():
+    spec = WORLDS["heldout"]
+    clip = DemoWorldCLIP(TextEncoder(spec.text_width, layers=spec.text_layers, vocabulary=spec.vocabulary))
+    assert "a lozenge" in clip.retain_candidates() and "a square" not in clip.retain_candidates()
+    with pytest.raises(DemoWorldError, match=r"does not know 'red', 'square'.*knows only: a, orange.*'a purple kite'"):
+        clip.tokenize("a red square")
+    assert clip.tokenize("A cyan Rhombus.")["demo_world"].shape == (1, 8)

@@ -70,3 +70,19 @@ def test_world_unet_is_a_comfy_sd15_model_the_pack_patches(world):
     assert sorted(cross_attention_layers(world.model)) == [
         f"diffusion_model.{name}.1.transformer_blocks.0.attn2"
         for name in ("input_blocks.3", "middle_block", "output_blocks.0", "output_blocks.1")]
+
+
+def test_default_vocabulary_keeps_the_token_ids_the_committed_worlds_were_trained_with():
+    from comfyui_concept_erasure.demo_world.spec import WORLDS
+    from comfyui_concept_erasure.demo_world.vocabulary import DEFAULT, WORDS, Vocabulary
+
+    assert WORDS == DEFAULT.words == ("<pad>", "<bos>", "<eos>", "a", "red", "green", "blue", "yellow", "circle",
+                                      "square", "triangle", "cross", "ring", "disc", "box", "plus")
+    heldout = WORLDS["heldout"].vocabulary
+    assert heldout.words[:4] == WORDS[:4] and len(heldout.words) == 4 + 4 + 6 + 3
+    ids = heldout.token_ids
+    assert heldout.tokenize(["a cyan moon"]).tolist() == [[1, 3, ids["cyan"], ids["moon"], 2, 0, 0, 0]]
+    with pytest.raises(ValueError, match="distinct"):
+        Vocabulary(("circle", "circle"), ("red",))
+    with pytest.raises(ValueError, match="not among the objects"):
+        Vocabulary(("circle",), ("red",), (("square", "box"),))
