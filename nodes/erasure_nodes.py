@@ -101,9 +101,8 @@ class SaveConceptErasure:
                                 "Name inside models/concept_erasure (a leading 'concept_erasure/' is optional; "
                                 "subfolders allowed, '..' is not). _00001_ etc. is appended."}),
             "precision": (list(PRECISIONS), {"default": "fp16", "tooltip":
-                          "dtype of the stored weight deltas: fp16 (default) halves the file against fp32 and applies "
-                          "within fp16 rounding of the trained deltas; bf16 keeps fp32's range with less precision; "
-                          "fp32 stores them exactly as trained. Prompt tokens are always stored exactly."}),
+                          "dtype of the stored weight deltas: fp16 halves the file, bf16 keeps fp32's range, fp32 stores them exactly; "
+                          "prompt tokens are stored exactly."}),
         }}
 
     def save(self, erasure, filename_prefix, precision="fp16"):

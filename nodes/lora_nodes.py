@@ -32,18 +32,14 @@ class SaveConceptErasureAsLoRA:
                                     "Name inside models/loras (subfolders allowed, '..' is not); _00001_ etc. is "
                                     "appended. Load LoRA lists the file at once."}),
                 "format": (list(FORMATS), {"default": "exact", "tooltip":
-                           "exact: low-rank deltas as lora_down/lora_up/alpha, full deltas as full diffs; identical "
-                           "in ComfyUI and A1111/Forge, but diffusers does not read diffs. lora: every delta as "
-                           "low-rank factors (full deltas compressed by SVD to rank); read by ComfyUI, A1111/Forge "
-                           "and diffusers, with the largest per-layer error reported."}),
+                           "exact: the deltas as trained (full ones as diffs diffusers cannot read); lora: all as low-rank factors, read "
+                           "by ComfyUI, A1111/Forge and diffusers."}),
                 "rank": ("INT", {"default": 32, "min": 1, "max": 4096, "step": 1, "tooltip":
-                         "format lora only: the rank full deltas are compressed to. Higher = closer to the erasure "
-                         "and a larger file. Deltas that are low-rank already are written unchanged."}),
+                         "format lora only: the rank full deltas are compressed to; higher is closer to the erasure and larger."}),
             },
             "optional": {
-                "model": ("MODEL", {"tooltip": "The base model the erasure was made for. It names the layers by its "
-                                               "own UNet layout and checks the erasure fits; without it the released "
-                                               "SD1.x / SD2.x / SDXL layout is assumed (and checked)."}),
+                "model": ("MODEL", {"tooltip": "The base model the erasure was made for, to name its layers; without it the released "
+                                               "SD1.x / SD2.x / SDXL layout is assumed."}),
             },
         }
 

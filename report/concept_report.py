@@ -1,15 +1,7 @@
 """Compare an erased model with its original on a list of prompts: a sample grid and a concept score.
 
-The concept score needs no classifier. For each prompt c, at a few noise levels on the original model's own
-sample for c, it compares three noise predictions: the original's eps(c) and eps(uncond), and the erased
-model's eps'(c). ESD's erasure target is eps(uncond) - eta * (eps(c) - eps(uncond)) (eta = 1 here); the score
-is how far eps'(c) moved from eps(c) along the line to that target:
-
-    toward = <eps'(c) - eps(c), target - eps(c)> / |target - eps(c)|^2     (summed over noise levels)
-    moved  = |eps'(c) - eps(c)| / |target - eps(c)|
-
-toward 0 = unchanged, 0.5 = the erased model treats the prompt as the empty prompt, 1 = ESD's target;
-`moved` counts movement in any direction, so a kept prompt should show both near 0.
+The concept score (erasure/concept_score.py, where its formula and constants are) needs no classifier: for each
+prompt, how far the erased model's noise prediction moved from the original's toward ESD's erasure target.
 """
 from __future__ import annotations
 
@@ -25,12 +17,10 @@ import comfy.samplers
 import comfy.utils
 
 from ..erasure.concept_erasure import ErasureError, family_name, model_context_dim
-from ..trainer.conditioning import check_entries
+from ..erasure.concept_score import ETA, NEGLIGIBLE, SCORE_LEVELS, to_target
+from ..erasure.conditioning_checks import check_entries
 
-ETA = 1.0
-SCORE_LEVELS = (0.2, 0.4, 0.6, 0.8)  # where on the sampling schedule (model_sampling.percent_to_sigma)
 SAMPLER, SCHEDULER = "euler", "normal"
-NEGLIGIBLE = 1e-12
 
 
 class ReportError(ErasureError):
@@ -137,13 +127,13 @@ def concept_scores(original, erased, prompts: Sequence[list], unconditional, lat
         eps_e = predict_eps(erased, prompt, unconditional, x0, noises, sigmas, seed)
         if step is not None:
             step()
-        to_target = (1 + eta) * (eps_u - eps_c)  # target - eps(c)
+        to_goal = to_target(eps_c, eps_u, eta)
         move = eps_e - eps_c
-        norm = float((to_target ** 2).sum())
+        norm = float((to_goal ** 2).sum())
         if norm <= NEGLIGIBLE * max(1.0, float((eps_c ** 2).sum())):
             scores.append(ConceptScore(label, math.nan, math.nan))
             continue
-        toward = float((move * to_target).sum()) / norm
+        toward = float((move * to_goal).sum()) / norm
         scores.append(ConceptScore(label, toward, math.sqrt(float((move ** 2).sum()) / norm)))
     return scores
 

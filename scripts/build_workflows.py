@@ -75,36 +75,30 @@ def loaders(y=340):
 
 TRAIN = dict(
     title="Train a concept erasure",
-    description="Erase a concept from an SD1.5 model by training learnable prompts and cross-attention deltas; "
-                "saves the erasure to models/concept_erasure and previews the loss curves.",
+    description="Erase a concept from an SD1.5 model: Load Checkpoint -> Erase Concept -> Save Concept Erasure, with "
+                "a preview of the loss curves.",
     nodes=[
         note("note", (C0, 0), (
             "TRAIN A CONCEPT ERASURE\n\n"
-            f"1. Load Checkpoint: the Stable Diffusion 1.5 model to erase from ({CHECKPOINT}; SD2.x and SDXL "
+            f"1. Load Checkpoint: the Stable Diffusion model to erase from ({CHECKPOINT} here; SD2.x and SDXL "
             "work too).\n"
-            "2. Concept: type what to erase (an artist's style, an object, a person), and the same words in "
-            "concept_label on Train Concept Erasure (stored in the file).\n"
-            "3. Leave the second prompt empty: it is the unconditional prompt.\n"
-            "4. Concept to keep: a concept that must survive (another painter here); its predictions are held to "
-            "the original's. With clip connected the trainer also finds the concepts nearest to the erased one "
-            "and keeps them (retain: add here; auto, the default, does so when preserve is not connected).\n"
-            "5. Queue. Training takes a while (about 1000 iterations on a GPU); the queue's cancel button stops "
-            "it and writes nothing.\n"
-            "6. The erasure is saved as models/concept_erasure/van_gogh_00001_.safetensors: open "
-            "apply_concept_erasure.json or compare_before_after.json to use it."), size=(400, 430)),
+            "2. Erase Concept: type what to erase in concept (an artist's style, an object, a person), and in keep "
+            "what must stay as it is (another painter here). Leave keep empty and the trainer finds the concepts "
+            "nearest to the erased one itself.\n"
+            "3. Queue. Training takes a while on a GPU (see the README); the queue's cancel button stops it and "
+            "writes nothing.\n"
+            "4. The erasure is saved as models/concept_erasure/van_gogh_00001_.safetensors: open "
+            "apply_concept_erasure.json or compare_before_after.json to use it.\n\n"
+            "More settings: connect an Erasure Training / Keep / Robust / Memory Settings node to Erase Concept's "
+            "settings input. Each node's help page (the ? on the node) explains its inputs."), size=(400, 430)),
         node("ckpt", "CheckpointLoaderSimple", (C0, 480), {"ckpt_name": CHECKPOINT}, size=WIDE),
-        node("concept", "CLIPTextEncode", (C1, 0), {"text": CONCEPT_TEXT}, "Concept to erase", size=(400, 200)),
-        node("empty", "CLIPTextEncode", (C1, 240), {"text": ""}, "Empty prompt (unconditional)", size=(400, 200)),
-        node("keep", "CLIPTextEncode", (C1, 480), {"text": KEPT_TEXT}, "Concept to keep (preserve)", size=(400, 200)),
-        node("train", "TrainConceptErasure", (C2, 0), {"concept_label": CONCEPT_TEXT, "retain": "add",
-                                                      "control_after_generate": "fixed"}, size=(400, 0)),
-        node("save", "SaveConceptErasure", (C2 + 460, 0), {"filename_prefix": "concept_erasure/van_gogh"},
+        node("train", "EraseConcept", (C1, 0), {"concept": CONCEPT_TEXT, "keep": KEPT_TEXT,
+                                               "control_after_generate": "fixed"}, size=(400, 0)),
+        node("save", "SaveConceptErasure", (C2, 0), {"filename_prefix": "concept_erasure/van_gogh"},
              size=(400, 58)),
-        node("curves", "PreviewImage", (C2 + 460, 120), title="Loss curves", size=(520, 330)),
+        node("curves", "PreviewImage", (C2, 120), title="Loss curves", size=(520, 330)),
     ],
-    links=[("ckpt", 1, "concept", "clip"), ("ckpt", 1, "empty", "clip"), ("ckpt", 1, "keep", "clip"),
-           ("ckpt", 0, "train", "model"), ("concept", 0, "train", "concept"), ("empty", 0, "train", "unconditional"),
-           ("keep", 0, "train", "preserve"), ("ckpt", 1, "train", "clip"), ("train", 1, "save", "erasure"),
+    links=[("ckpt", 0, "train", "model"), ("ckpt", 1, "train", "clip"), ("train", 1, "save", "erasure"),
            ("train", 2, "curves", "images")],
 )
 

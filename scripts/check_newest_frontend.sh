@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Smoke job: the newest comfyui-frontend-package on PyPI, served by upstream ComfyUI v0.3.64 (--front-end-root),
 # loads and queues every workflow and cancels a training run (tests/test_browser.py). It reports and never fails:
-# a frontend newer than the server may need a newer server (README, Hosts, says what was seen last).
+# a frontend newer than the server may need a newer server (docs/development.md, Hosts, says what was seen last).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 if ! SRC=$(NEWEST_FRONTEND=1 bash "$REPO/scripts/install_upstream.sh" | tail -n 1); then

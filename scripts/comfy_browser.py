@@ -138,6 +138,26 @@ def set_widgets(page, overrides: dict) -> None:
         raise ValueError(f"no such node or widget in the loaded graph: {unknown}")
 
 
+def add_connected_node(page, node_type: str, widgets: dict, target_type: str, target_input: str) -> int:
+    """Add a node to the loaded graph as a user would (widgets set, output 0 linked to `target_input` of every node
+    of `target_type`); returns the new node's id."""
+    return page.evaluate("""([type, widgets, targetType, input]) => {
+        const n = LiteGraph.createNode(type);
+        if (!n) throw new Error('unknown node type ' + type);
+        app.graph.add(n);
+        for (const [name, value] of Object.entries(widgets)) {
+            const w = (n.widgets || []).find(w => w.name === name);
+            if (!w) throw new Error(type + ' has no widget ' + name);
+            w.value = value;
+        }
+        const targets = app.graph._nodes.filter(t => t.type === targetType);
+        if (!targets.length) throw new Error('no ' + targetType + ' in the graph');
+        for (const t of targets) if (!n.connect(0, t, input)) throw new Error('cannot link to ' + input);
+        app.graph.setDirtyCanvas(true, true);
+        return n.id;
+    }""", [node_type, widgets, target_type, target_input])
+
+
 def graph_to_prompt(page) -> dict:
     """What the frontend would send for the loaded graph (app.graphToPrompt().output)."""
     return page.evaluate("async () => JSON.parse(JSON.stringify((await app.graphToPrompt()).output))")

@@ -1,13 +1,15 @@
-"""Writes the README's node reference from the nodes' own descriptions and tooltips.
+"""Writes the node reference, docs/nodes.md, from the nodes' own descriptions and tooltips.
 
 Usage: .venv/bin/python scripts/node_reference.py [--check]
---check exits 1 when README.md is out of date (tests/test_readme.py runs the same comparison).
+It replaces what lies between the begin and end markers in docs/nodes.md; the rest of the page is left alone.
+--check exits 1 when docs/nodes.md is out of date (tests/test_readme.py runs the same comparison).
 """
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "docs" / "nodes.md"
 BEGIN, END = "<!-- node-reference:begin -->", "<!-- node-reference:end -->"
 
 
@@ -58,23 +60,23 @@ def render(pack) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def updated_readme(text: str, reference: str) -> str:
+def updated_reference(text: str, reference: str) -> str:
+    """text (docs/nodes.md) with the generated reference between its markers."""
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} section")
+        raise SystemExit(f"{REFERENCE.relative_to(ROOT)} has no {BEGIN} ... {END} section")
     return pattern.sub(lambda _: f"{BEGIN}\n{reference}{END}", text)
 
 
 def main():
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    new = updated_readme(text, render(load_pack()))
+    text = REFERENCE.read_text()
+    new = updated_reference(text, render(load_pack()))
     if "--check" in sys.argv:
         if new != text:
-            print("README.md node reference is out of date: run .venv/bin/python scripts/node_reference.py")
+            print("docs/nodes.md is out of date: run .venv/bin/python scripts/node_reference.py")
             sys.exit(1)
         return
-    readme.write_text(new)
+    REFERENCE.write_text(new)
 
 
 if __name__ == "__main__":

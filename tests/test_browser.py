@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from comfy_browser import (cancel_from_page, chromium_page, close_dialogs, dialog_text, graph_to_prompt,
-                           load_workflow, missing_models_notice, new_frontend, open_app, queue_from_page,
+from comfy_browser import (add_connected_node, cancel_from_page, chromium_page, close_dialogs, dialog_text,
+                           graph_to_prompt, load_workflow, missing_models_notice, new_frontend, open_app, queue_from_page,
                            screenshot_graph, set_widgets)
 from comfy_server import output_images, status_summary
-from workflow_cases import NAMES, check_images, load, node_types, overrides
+from workflow_cases import (FAST_SETTINGS, NAMES, SETTINGS_NODE, check_images, load, node_types, overrides,
+                            with_fast_settings)
 from workflow_convert import ui_to_api
 
 SUMMARY_NODES = {"ConceptErasureReport", "AttackConceptErasure"}
@@ -48,6 +49,13 @@ def wait_for_new_prompt(server, known, timeout=600):
     raise AssertionError("the page did not queue a prompt" + server.log_tail())
 
 
+def add_fast_settings(page, workflow):
+    """Connect an Erasure Training Settings node with the tests' fast values to Erase Concept, as a user would."""
+    if "EraseConcept" in node_types(workflow):
+        added = add_connected_node(page, SETTINGS_NODE, FAST_SETTINGS, "EraseConcept", "settings")
+        assert added == workflow["last_node_id"] + 1
+
+
 def without_meta(prompt):
     """The prompt without the node titles the new frontend adds as `_meta` (the server only displays them)."""
     return {key: {k: v for k, v in node.items() if k != "_meta"} for key, node in prompt.items()}
@@ -76,11 +84,15 @@ def test_workflow_loads_and_runs_from_the_page(name, page, comfy_server, comfy_b
     screenshot_graph(page, str(screenshot_dir / f"{name}.png"))  # as a user sees the file after dropping it
 
     changes = overrides(name, trained_erasure[0], exported_lora)
-    if "TrainConceptErasure" in changes:  # the API tests trained with these settings; the server would reuse it
-        changes["TrainConceptErasure"]["seed"] = 1
+    for trainer in ("TrainConceptErasure", "EraseConcept"):  # the API tests trained with these; the server would
+        if trainer in changes:                                 # reuse their outputs
+            changes[trainer]["seed"] = 1
     set_widgets(page, changes)
+    add_fast_settings(page, workflow)
     # The converter the other tests use gives exactly what the frontend sends.
-    assert without_meta(graph_to_prompt(page)) == ui_to_api(workflow, comfy_server.object_info(), changes)
+    info = comfy_server.object_info()
+    assert without_meta(graph_to_prompt(page)) == with_fast_settings(ui_to_api(workflow, info, changes), info,
+                                                                     workflow["last_node_id"])
 
     erasures = comfy_base / "models" / "concept_erasure"
     files_before, known = set(erasures.iterdir()), set(comfy_server.history())
@@ -108,9 +120,10 @@ def test_cancel_from_the_queue_stops_training_and_writes_nothing(page, comfy_ser
     assert load_workflow(page, workflow) == []
     dismiss_missing_models(page, workflow)
     changes = overrides("train_concept_erasure")
-    changes["TrainConceptErasure"].update(iterations=100000, seed=2)  # far longer than the test waits
+    changes["EraseConcept"].update(iterations=100000, seed=2)  # far longer than the test waits
     set_widgets(page, changes)
-    trainer_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "TrainConceptErasure")
+    add_fast_settings(page, workflow)
+    trainer_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "EraseConcept")
 
     erasures = comfy_base / "models" / "concept_erasure"
     files_before, known = set(erasures.iterdir()), set(comfy_server.history())
@@ -123,6 +136,21 @@ def test_cancel_from_the_queue_stops_training_and_writes_nothing(page, comfy_ser
 
     assert entry["status"]["status_str"] == "error"
     interrupted = [m for kind, m in entry["status"]["messages"] if kind == "execution_interrupted"]
-    assert interrupted and interrupted[0]["node_type"] == "TrainConceptErasure", entry["status"]["messages"]
+    assert interrupted and interrupted[0]["node_type"] == "EraseConcept", entry["status"]["messages"]
     assert set(erasures.iterdir()) == files_before, "a cancelled training run left files behind"
     assert dialog_text(page) is None
+
+
+def test_the_frontend_finds_erase_concepts_help_page(page):
+    """Where the frontend's node help looks for a custom node's page (/extensions/<pack folder>/docs/<NodeId>.md,
+    from the node's python_module): Erase Concept's page is there, with its text."""
+    if not new_frontend(page):
+        pytest.skip("the fork's frontend has no node help pages")
+    text = page.evaluate("""async () => {
+        const info = await (await fetch(app.api.apiURL('/object_info/EraseConcept'))).json();
+        const folder = info.EraseConcept.python_module.split('.')[1];
+        const res = await fetch(app.api.fileURL(`/extensions/${folder}/docs/EraseConcept.md`));
+        return res.ok ? await res.text() : 'HTTP ' + res.status;
+    }""")
+    page_text = (Path(__file__).resolve().parents[1] / "web" / "docs" / "EraseConcept.md").read_text(encoding="utf-8")
+    assert text == page_text

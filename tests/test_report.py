@@ -11,7 +11,8 @@ import comfy.taesd.taesd
 from comfyui_concept_erasure.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from comfyui_concept_erasure.nodes.report_node import ConceptErasureReport
 from comfyui_concept_erasure.report import ReportError, compare_models
-from comfyui_concept_erasure.report.concept_report import ETA, score_levels
+from comfyui_concept_erasure.erasure.concept_score import ETA
+from comfyui_concept_erasure.report.concept_report import score_levels
 from tiny_models import CONTEXT_DIM, build_model, init_weights, predict
 
 SIZE = 64  # pixels; latents are 8x8

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from comfyui_concept_erasure.erasure import ErasureError
+from comfyui_concept_erasure.erasure.concept_score import ETA, SCORE_LEVELS
 from comfyui_concept_erasure.nodes.train_node import TrainConceptErasure
-from comfyui_concept_erasure.report.concept_report import ETA, SCORE_LEVELS
 from comfyui_concept_erasure.trainer import TrainSettings, train_erasure
+from comfyui_concept_erasure.report import concept_report
 from comfyui_concept_erasure.trainer import erasure_score
 from tiny_models import CONTEXT_DIM, build_model
 
@@ -34,7 +35,9 @@ def full_run(world):
 
 
 def test_the_score_is_the_reports_and_rises_as_the_concept_is_erased(world, full_run):
-    assert erasure_score.ETA == ETA and erasure_score.LEVELS == SCORE_LEVELS
+    # one definition of the score (erasure/concept_score.py) for the trainer and the report
+    assert concept_report.SCORE_LEVELS is SCORE_LEVELS is erasure_score.concept_score.SCORE_LEVELS
+    assert concept_report.ETA == ETA == erasure_score.concept_score.ETA
     iterations = [i for i, _ in full_run.scores]
     values = [v for _, v in full_run.scores]
     assert iterations == list(range(5, 41, 5))

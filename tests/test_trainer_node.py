@@ -27,7 +27,8 @@ def cond(seed):
 
 def test_node_is_registered_with_tooltips_and_its_defaults():
     assert comfyui_concept_erasure.NODE_CLASS_MAPPINGS["TrainConceptErasure"] is TrainConceptErasure
-    assert comfyui_concept_erasure.NODE_DISPLAY_NAME_MAPPINGS["TrainConceptErasure"] == "Train Concept Erasure"
+    assert comfyui_concept_erasure.NODE_DISPLAY_NAME_MAPPINGS["TrainConceptErasure"] == \
+        "Train Concept Erasure (Advanced)"
     assert TrainConceptErasure.CATEGORY == CATEGORY
     spec = TrainConceptErasure.INPUT_TYPES()
     for section in spec.values():
@@ -42,6 +43,16 @@ def test_node_is_registered_with_tooltips_and_its_defaults():
         "placement": "mid", "erase_weight": 1.0, "key_weight": 0.1, "sampling_steps": 50, "sampling_cfg": 3.0,
         "batch_size": 1, "rank": 32, "dtype": "auto", "gradient_checkpointing": "auto", "output_strength": 1.0}
     assert "preserve" in spec["optional"]
+    # shared workflows store widget values by position: the order of every release so far, new inputs only appended
+    assert list(spec["required"]) == [
+        "model", "concept", "unconditional", "method", "iterations", "learning_rate", "prompt_learning_rate",
+        "negative_guidance", "prompt_tokens", "placement", "erase_weight", "key_weight", "preserve_weight",
+        "sampling_steps", "sampling_cfg", "trajectory_refresh", "batch_size", "resolution", "seed", "rank", "dtype",
+        "gradient_checkpointing", "concept_label"]
+    assert list(spec["optional"]) == [
+        "preserve", "adversarial_steps", "adversarial_every", "adversarial_tokens", "adversarial_learning_rate",
+        "score_every", "stop_at_score", "min_score_rise", "factor_alpha", "output_strength", "clip", "retain",
+        "retain_candidates", "retain_size", "retain_watch", "preserve_images"]
     assert len(TrainConceptErasure.OUTPUT_TOOLTIPS) == len(TrainConceptErasure.RETURN_TYPES) == 3
     # every setting the trainer has is a node input, so the file's settings describe the node's run
     assert {f.name for f in dataclasses.fields(TrainSettings)} <= set(spec["required"]) | set(spec["optional"])

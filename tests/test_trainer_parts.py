@@ -9,7 +9,7 @@ from comfyui_concept_erasure.trainer.conditioning import CondBatch, encode_entri
 from comfyui_concept_erasure.trainer.deltas import DeltaSet, target_layers
 from comfyui_concept_erasure.trainer.denoiser import Denoiser
 from comfyui_concept_erasure.trainer.host_autograd import residuals_break_backward, trainable_model
-from comfyui_concept_erasure.trainer.loss_plot import COLORS, decade_ticks, draw_loss_curves
+from comfyui_concept_erasure.report.loss_plot import COLORS, decade_ticks, draw_loss_curves
 from comfyui_concept_erasure.trainer.prediction import model_output, prediction_kind, sampling_schedule
 from comfyui_concept_erasure.trainer.trajectories import TrajectoryPool, sample_trajectories
 from tiny_models import CONTEXT_DIM, build_model, predict

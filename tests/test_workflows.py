@@ -1,12 +1,16 @@
 """Each shared workflow, converted from UI format to an API prompt, runs on the real server."""
 import json
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
 from comfy_server import output_images
-from workflow_cases import NAMES, check_images, load, node_types, run_workflow
+from workflow_cases import FAST_SETTINGS, NAMES, check_images, load, node_types, run_workflow
 from workflow_convert import WorkflowError, required_widgets, ui_to_api, widget_layout
+
+
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="module")
@@ -32,25 +36,43 @@ def test_workflow_files_are_ui_format_with_a_description(name):
 def test_train_workflow_saves_an_erasure_with_metadata_and_a_loss_curve(trained_erasure, comfy_base, object_info):
     name, entry = trained_erasure
     workflow = load("train_concept_erasure")
-    trainer = next(n for n in workflow["nodes"] if n["type"] == "TrainConceptErasure")
-    names = [name for name, _ in widget_layout(object_info["TrainConceptErasure"])]
-    concept = trainer["widgets_values"][names.index("concept_label")]
+    assert len(workflow["nodes"]) <= 5  # Load Checkpoint, Erase Concept, Save, the curves' preview and the note
+    eraser = next(n for n in workflow["nodes"] if n["type"] == "EraseConcept")
+    names = [name for name, _ in widget_layout(object_info["EraseConcept"])]
+    concept, keep = (eraser["widgets_values"][names.index(k)] for k in ("concept", "keep"))
     with safe_open(str(comfy_base / "models" / "concept_erasure" / name), "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
     assert concept == "Van Gogh" and json.loads(meta["concepts"]) == [concept]
     settings = json.loads(meta["settings"])
     assert meta["method"] and settings["iterations"] == 2
-    # the workflow's concept to keep is wired to preserve, and with clip wired (retain add) the trainer adds the
-    # nearest concepts of the pack's vocabulary to it
-    found = settings["retain_set"]
-    assert found["source"] == "the pack's vocabulary" and found["considered"] > 250 and len(found["kept"]) == 8
-    assert settings["preserve_prompts"] == 1 + len(found["kept"])
-    assert settings["preserve_moved"]["labels"][0] == "preserve 1"
+    # the settings node the test connected reached the trainer; what it does not hold kept the defaults
+    assert {k: settings[k] for k in FAST_SETTINGS} == FAST_SETTINGS and settings["rank"] == 32
+    # the concept typed in keep is held (retain auto builds no set beside a named one)
+    assert keep == "Claude Monet" and settings["preserve_prompts"] == 1 and "retain_set" not in settings
+    assert settings["preserve_moved"]["labels"] == ["preserve 1"]
     assert meta["context_dim"] == "768"
     assert keys, "the erasure file holds no tensors"
     previews = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert previews, "no loss-curve preview was produced"
+
+
+def test_a_training_workflow_saved_before_erase_concept_runs_as_it_did(comfy_server, comfy_base):
+    """Train Concept Erasure (Advanced) keeps its id, inputs and widget order: the training workflow as it was
+    shared before Erase Concept (three CLIP Text Encodes, preserve and clip wired, retain add) still runs."""
+    workflow = json.loads((DATA / "train_concept_erasure_before_erase_concept.json").read_text())
+    assert "TrainConceptErasure" in node_types(workflow) and "EraseConcept" not in node_types(workflow)
+    folder = comfy_base / "models" / "concept_erasure"
+    before = set(folder.iterdir())
+    entry = run_workflow(comfy_server, "train_concept_erasure", workflow=dict(workflow))
+    (new,) = set(folder.iterdir()) - before
+    with safe_open(str(new), "pt") as f:
+        settings = json.loads(f.metadata()["settings"])
+    assert settings["iterations"] == 2 and settings["retain"] == "add"
+    found = settings["retain_set"]  # clip wired: the nearest concepts of the pack's vocabulary, beside preserve
+    assert found["source"] == "the pack's vocabulary" and found["considered"] > 250 and len(found["kept"]) == 8
+    assert settings["preserve_prompts"] == 1 + len(found["kept"])
+    assert [img for out in entry["outputs"].values() for img in out.get("images", [])]
 
 
 @pytest.mark.parametrize("name", ["apply_concept_erasure", "compare_before_after", "recover_with_key"])
@@ -107,7 +129,7 @@ def test_converter_refuses_a_missing_node_type(object_info):
 
 def test_a_node_saved_before_its_optional_widgets_existed_gets_their_defaults(object_info):
     """As the frontend loads an old workflow: Train Concept Erasure as saved before adversarial_* (issue 15)."""
-    workflow = load("train_concept_erasure")
+    workflow = json.loads((DATA / "train_concept_erasure_before_erase_concept.json").read_text())
     trainer = next(n for n in workflow["nodes"] if n["type"] == "TrainConceptErasure")
     trainer["widgets_values"] = trainer["widgets_values"][:required_widgets(object_info["TrainConceptErasure"])]
     inputs = next(p["inputs"] for p in ui_to_api(workflow, object_info).values()

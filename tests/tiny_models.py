@@ -75,3 +75,18 @@ def build_dit(seed: int = 0):
     init_weights(model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+def build_clip(family: str = "sd15", seed: int = 0):
+    """ComfyUI's CLIP of a family (SD1.5: CLIP-L; SDXL: CLIP-L + CLIP-G with the pooled output), full size, with
+    random weights: what CLIP Text Encode gets from a checkpoint loader, minus the download."""
+    import comfy.sd
+
+    supported = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[family]
+    target = supported(dict(supported.unet_config)).clip_target()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        clip = comfy.sd.CLIP(target)
+        for parameter in clip.cond_stage_model.parameters():
+            parameter.normal_(0.0, 0.02, generator=generator)
+    return clip

@@ -23,6 +23,9 @@ FAST = {
     "KSampler": {"steps": 2},
 }
 FAST_TRAINING = {"iterations": 2, "sampling_steps": 2, "resolution": 64}
+# Erase Concept has no widget for these: the tests connect an Erasure Training Settings node, as a user would.
+FAST_SETTINGS = {key: FAST_TRAINING[key] for key in ("sampling_steps", "resolution")}
+SETTINGS_NODE = "ErasureTrainingSettings"
 
 
 def load(name: str) -> dict:
@@ -33,13 +36,15 @@ def node_types(workflow: dict) -> set:
     return {n["type"] for n in workflow["nodes"]}
 
 
-def overrides(name: str, erasure_name: str = None, lora_name: str = None) -> dict:
+def overrides(name: str, erasure_name: str = None, lora_name: str = None, workflow: dict = None) -> dict:
     """{node type: {widget: value}} for running `name` in a test; lora_name is the file the core LoRA loader reads
     (one exported before: the loader's list is checked when the prompt is queued)."""
     changes = {k: dict(v) for k, v in FAST.items()}
-    types = node_types(load(name))
+    types = node_types(workflow or load(name))
     if "TrainConceptErasure" in types:
         changes["TrainConceptErasure"] = dict(FAST_TRAINING)
+    if "EraseConcept" in types:
+        changes["EraseConcept"] = {"iterations": FAST_TRAINING["iterations"]}
     if "LoadConceptErasure" in types:
         changes["LoadConceptErasure"] = {"erasure_name": erasure_name}
     if "LoraLoaderModelOnly" in types:
@@ -78,7 +83,26 @@ def check_images(paths, name):
     assert sorted(sizes) == sorted(EXPECTED_IMAGES[name]), f"{name}: saved image sizes {sizes}"
 
 
-def run_workflow(server, name, erasure_name=None, lora_name=None, timeout=600):
-    """Convert `name` with the test overrides, run it, and return its history entry (status success)."""
-    prompt = ui_to_api(load(name), server.object_info(), overrides(name, erasure_name, lora_name))
+def with_fast_settings(prompt: dict, object_info: dict, last_node_id: int) -> dict:
+    """The API prompt with an Erasure Training Settings node (FAST_SETTINGS, the rest at their defaults) connected
+    to each Erase Concept, numbered as the frontend numbers a node added to the graph."""
+    erasers = [key for key, node in prompt.items() if node["class_type"] == "EraseConcept"]
+    if not erasers:
+        return prompt
+    spec = object_info[SETTINGS_NODE]["input"]["required"]
+    key = str(last_node_id + 1)
+    inputs = {name: FAST_SETTINGS.get(name, item[1]["default"]) for name, item in spec.items()}
+    prompt = dict(prompt, **{key: {"inputs": inputs, "class_type": SETTINGS_NODE}})
+    for eraser in erasers:
+        prompt[eraser] = dict(prompt[eraser], inputs=dict(prompt[eraser]["inputs"], settings=[key, 0]))
+    return prompt
+
+
+def run_workflow(server, name, erasure_name=None, lora_name=None, timeout=600, workflow=None):
+    """Convert `name` (or the given UI-format `workflow`) with the test overrides, run it, and return its history
+    entry (status success)."""
+    workflow = workflow or load(name)
+    info = server.object_info()
+    prompt = with_fast_settings(ui_to_api(workflow, info, overrides(name, erasure_name, lora_name, workflow)), info,
+                                workflow["last_node_id"])
     return server.run(prompt, timeout=timeout)

@@ -6,15 +6,13 @@ original model's (a soft-prompt / textual-inversion attack). x_t comes from traj
 the original model, as the trainer samples its own. If the knowledge is still in the erased weights, a few tokens
 find it; the tokens are a CONDITIONING a KSampler can use.
 
-The same Adversary runs inside training (settings.adversarial_steps): a few steps against the current student
-every few iterations, and the erase term is applied with its tokens too (AdvUnlearn's recipe, on the deltas and
-the learnable prompt).
+The tokens are an Adversary (adversary.py), the same one robust training runs inside its loop.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional
 
 import torch
 
@@ -22,56 +20,16 @@ import comfy.model_management
 import comfy.utils
 
 from ..erasure.concept_erasure import ErasureError, family_name, model_context_dim
-from .conditioning import Cond, CondBatch, check_width, conditioning_entries, encode_entries, weighted_mse
+from ..erasure.conditioning_checks import check_width, conditioning_entries
+from .adversary import Adversary, Predict
+from .conditioning import CondBatch, encode_entries, weighted_mse
 from .denoiser import Denoiser
 from .host_autograd import trainable_model
 from .prediction import prediction_kind, sampling_schedule
 from .settings import default_resolution
 from .trajectories import sample_trajectories
 
-Predict = Callable[[torch.Tensor, torch.Tensor, List[Cond]], torch.Tensor]
-INIT_NOISE = 0.1  # of the concept encoding's std: distinct tokens (identical ones get identical gradients forever)
 EVAL_CHUNK = 8
-
-
-class Adversary:
-    """Adversarial tokens [count, width] appended to a concept's context, with their own Adam (its moments are kept
-    from one call of step to the next, so an inner loop starts where the last one ended)."""
-
-    def __init__(self, count: int, learning_rate: float, generator: torch.Generator):
-        self.count = count
-        self.learning_rate = learning_rate
-        self.generator = generator
-        self.tokens: Optional[torch.nn.Parameter] = None
-        self.optimizer: Optional[torch.optim.Optimizer] = None
-
-    def start(self, concepts: Sequence[Cond]) -> None:
-        """First call only: copies of the concept's last token, slightly apart, on the concept's device."""
-        if self.tokens is not None:
-            return
-        context = concepts[0]["c_crossattn"].detach().float()
-        noise = torch.randn((self.count, context.shape[-1]), generator=self.generator).to(context.device)
-        tokens = context[0, -1:].expand(self.count, -1) + noise * INIT_NOISE * context.std()
-        self.tokens = torch.nn.Parameter(tokens.clone())
-        self.optimizer = torch.optim.Adam([self.tokens], lr=self.learning_rate)
-
-    def append(self, cond: Cond, detach: bool = False) -> Cond:
-        tokens = self.tokens.detach() if detach else self.tokens
-        context = cond["c_crossattn"]
-        tokens = tokens.to(context.dtype).unsqueeze(0).expand(context.shape[0], -1, -1)
-        return dict(cond, c_crossattn=torch.cat([context, tokens], dim=1))
-
-    def step(self, predict: Predict, x_t: torch.Tensor, sigma: torch.Tensor, concepts: Sequence[Cond],
-             target: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One Adam step on the tokens toward predict(x_t, sigma, concepts + tokens) == target; returns the loss
-        before the step. Only the tokens get a gradient: a trainer's parameters on the same graph are untouched."""
-        out = predict(x_t, sigma, [self.append(c) for c in concepts])
-        loss = weighted_mse(out, target, weights)
-        (grad,) = torch.autograd.grad(loss, [self.tokens])
-        self.tokens.grad = grad
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
 
 
 @dataclass(frozen=True)

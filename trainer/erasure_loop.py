@@ -5,7 +5,6 @@ whole onto its device, or the run is refused (memory_plan.py).
 from __future__ import annotations
 
 import datetime
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -17,15 +16,17 @@ import comfy.model_management
 import comfy.utils
 
 from ..erasure.concept_erasure import ConceptErasure, model_context_dim
+from ..erasure.conditioning_checks import check_width, conditioning_entries
 from ..erasure.version import PACK_VERSION
 from .checkpointing import checkpointed_transformers
-from .conditioning import Prompt, check_width, conditioning_entries, encode_entries, pair_weights, read_prompts
+from .conditioning import Prompt, encode_entries, pair_weights, read_prompts
 from .denoiser import Denoiser
 from .erasure_score import HeldOutScore
 from .host_autograd import trainable_model
 from .iteration import build_trainables, loss_terms, optimizer_step
 from .learning_rate import RateRaise
-from .memory_plan import MemoryPlan, MemoryPlanner, RunShape, TrainingMemoryError, fit
+from .memory_plan import MemoryPlan, MemoryPlanner, RunShape
+from .model_loading import plan_and_load
 from .model_patches import model_patches
 from .precision import compute_dtype, loss_scaler, weight_dtype
 from .prediction import prediction_kind, sampling_schedule
@@ -34,20 +35,18 @@ from .settings import TrainSettings, default_resolution
 from .trajectories import kept_trajectories, sample_trajectories
 
 log = logging.getLogger(__name__)
+# The evidence behind these warnings is in benchmarks/RESULTS.md ("The attack") and on the trainer's help page.
 ROBUST_WITHOUT_PRESERVE = (
     "adversarial_steps without a preserve conditioning: robust training also erases concepts near the one you "
-    "erase (on the pack's benchmark, 62% of the other objects kept instead of 98%). Connect preserve with the "
-    "concepts to keep, the ones closest to the erased concept first, and raise preserve_weight (3 on the benchmark); "
-    "or connect clip, and the trainer finds them itself (retain).")
+    "erase. Connect preserve with the concepts to keep, the ones closest to the erased concept first, and raise "
+    "preserve_weight (e.g. 3); or connect clip, and the trainer finds them itself (retain).")
 ROBUST_WITH_FAN_IN = (
-    "adversarial_steps with factor_alpha fan_in: on the pack's benchmark robust training resisted the attack far "
-    "less this way (52.5% of the concept's samples still erased after it) than with factor_alpha rank (94.4%, the "
-    "same inputs otherwise). Set factor_alpha to auto (the default, rank for robust training) or rank.")
+    "adversarial_steps with factor_alpha fan_in: robust training resisted the attack far less this way than with "
+    "factor_alpha rank on the pack's benchmark. Set factor_alpha to auto (the default, rank for robust training) "
+    "or rank.")
 ROBUST_BELOW_FULL_STRENGTH = (
-    "adversarial_steps with output_strength {strength:g}: robust training resists the attack with all of its deltas "
-    "saved (output_strength 1: 94.4% and 92.5% of the concept's samples still erased after it on the pack's "
-    "benchmark, two training seeds); saving 0.7 of them resisted less on two runs of three (50.0% on one). Set "
-    "output_strength to 1 for robust training.")
+    "adversarial_steps with output_strength {strength:g}: robust training resisted the attack with all of its deltas "
+    "saved, and less below that on the pack's benchmark. Set output_strength to 1 for robust training.")
 
 MAX_WATCH_WEIGHT = 16.0  # retain_watch doubles a kept concept's preserve weight at most to this
 
@@ -168,31 +167,6 @@ class _LossLog:
                         "rate or use dtype fp32")
             self.history.setdefault(name, []).extend(values)
         self.pending.clear()
-
-
-def load_whole(patcher, plan: MemoryPlan) -> None:
-    """Load the UNet fully onto its device, asking ComfyUI to free what the plan needs beside it (it unloads other
-    models); a partial (lowvram) load is refused: every weight must be on the device for training."""
-    kwargs = {}
-    if "force_full_load" in inspect.signature(comfy.model_management.load_models_gpu).parameters:
-        kwargs["force_full_load"] = True
-    comfy.model_management.load_models_gpu([patcher], memory_required=plan.beyond_weights, **kwargs)
-    device = torch.device(patcher.load_device)
-    params = list(patcher.model.diffusion_model.parameters())
-    elsewhere = [p for p in params if p.device.type != device.type]
-    if elsewhere:
-        raise TrainingMemoryError(
-            f"ComfyUI loaded the UNet only in part onto {device} ({len(params) - len(elsewhere)} of {len(params)} "
-            f"weights; lowvram mode), and training needs all of it there: {plan.describe()}. Free memory on the "
-            "device (close other programs, or start ComfyUI without --lowvram / --novram) or lower the resolution "
-            "or rank. Nothing was changed.")
-
-
-def plan_and_load(patcher, planner: MemoryPlanner, s: TrainSettings, resolution: int) -> MemoryPlan:
-    device = torch.device(patcher.load_device)
-    mm = comfy.model_management
-    return fit(planner, s, resolution, s.gradient_checkpointing, free_now=lambda: mm.get_free_memory(device),
-               total_memory=mm.get_total_memory(device), load=lambda plan: load_whole(patcher, plan))
 
 
 def _train(model, concept, unconditional, preserve, settings: TrainSettings, context_dim: int, kind: str,

@@ -1,13 +1,10 @@
 """Train until erased: the Concept Erasure Report's concept score, measured while training.
 
-The score is the report's 'toward ESD target' (report/concept_report.py), on held-out x_t: each concept's own
+The score is the report's 'toward ESD target' (erasure/concept_score.py), on held-out x_t: each concept's own
 sample from the original model (one trajectory per concept, drawn with a generator of its own, so the training
-pairs are the same with or without scoring), noised at the report's levels with held-out noise:
-
-    toward = <eps'(c) - eps(c), target - eps(c)> / |target - eps(c)|^2,  target = eps(u) - eta (eps(c) - eps(u))
-
-eps = (x - denoised) / sigma, as the report computes it, whatever the model predicts; eta is the report's (1), so
-the figure is the one Concept Erasure Report prints: 0 = unchanged, 0.5 = like the empty prompt, 1 = ESD's target.
+pairs are the same with or without scoring), noised at the report's levels with held-out noise. eps = (x -
+denoised) / sigma, as the report computes it, whatever the model predicts, so the figure is the one Concept
+Erasure Report prints: 0 = unchanged, 0.5 = like the empty prompt, 1 = ESD's target.
 
 The same points for the concepts to keep (retain_set.py) give the report's 'moved' per kept concept:
 |eps'(k) - eps(k)| / |target - eps(k)|, what the erasure is taking with it.
@@ -22,7 +19,7 @@ import torch
 from .conditioning import Cond, CondBatch
 from .denoiser import Denoiser
 from .trajectories import sample_trajectories
-from ..report.concept_report import ETA, SCORE_LEVELS as LEVELS  # the report's; negative_guidance is the trainer's
+from ..erasure import concept_score  # the report's ETA and levels, not the trainer's negative_guidance
 
 
 class HeldOutScore:
@@ -34,8 +31,8 @@ class HeldOutScore:
                  seed_offset: int = 1, samples: int = 1):
         generator = torch.Generator().manual_seed((seed + seed_offset) % (1 << 64))
         self.denoiser = denoiser
-        self.eta = ETA
-        levels = [float(model_sampling.percent_to_sigma(p)) for p in LEVELS]
+        self.eta = concept_score.ETA
+        levels = [float(model_sampling.percent_to_sigma(p)) for p in concept_score.SCORE_LEVELS]
         self.points = []  # per concept and level: cond, x [1, C, H, W], sigma [1], eps(c) of the original, to_target
         with torch.no_grad():  # one concept at a time: no larger batch than a training iteration's
             for j, concept in [(j, c) for j, c in enumerate(concepts) for _ in range(samples)]:
@@ -47,7 +44,7 @@ class HeldOutScore:
                     sig = torch.full((1,), sigma, device=x.device)
                     eps_c = self._eps(x, sig, concept, deltas=False)
                     eps_u = self._eps(x, sig, unconditional, deltas=False, uncond=True)
-                    self.points.append((j, concept, x, sig, eps_c, (1 + ETA) * (eps_u - eps_c)))
+                    self.points.append((j, concept, x, sig, eps_c, concept_score.to_target(eps_c, eps_u)))
         self.totals = [0.0] * len(concepts)  # |target - eps(c)|^2 of each concept, summed over its levels
         for j, *_, to_target in self.points:
             self.totals[j] += float((to_target ** 2).sum())

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..erasure.concept_erasure import PromptPatch
-from .attack import Adversary
+from .adversary import Adversary
 from .conditioning import CondBatch, weighted_mse
 from .deltas import DeltaSet, target_layers
 from .denoiser import Denoiser

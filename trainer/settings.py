@@ -3,58 +3,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Dict
 
 from ..erasure.concept_erasure import PLACEMENTS, ErasureError
+from .setting_fields import (CHECKPOINTING, DTYPES, FACTOR_ALPHAS, FACTOR_SCALES, FIELDS, METHODS,  # noqa: F401 (re-exported)
+                             PRESERVE_IMAGES, RETAINS)
 
-METHODS = ("lp", "lp_attached", "esd_x", "esd_u")
 PROMPT_METHODS = ("lp", "lp_attached")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-CHECKPOINTING = ("auto", "on", "off")
-FACTOR_SCALES = ("rank", "fan_in")  # what DeltaSet scales factors by (deltas.py)
-PRESERVE_IMAGES = ("own", "concept")  # where the preserve term is evaluated (iteration.py)
-RETAINS = ("auto", "add", "off")  # auto: build a retain set when preserve is not connected (retain_set.py)
-FACTOR_ALPHAS = ("auto",) + FACTOR_SCALES  # auto: fan_in, or rank for robust training (factor_scale)
 MAX_SAMPLING_STEPS = 1000
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """What one training run does; to_dict() is stored in the erasure file as its settings."""
-
-    method: str = "lp"
-    iterations: int = 1000
-    learning_rate: float = 1e-5
-    prompt_learning_rate: float = 1e-3
-    negative_guidance: float = 2.0
-    prompt_tokens: int = 10
-    placement: str = "mid"
-    erase_weight: float = 1.0
-    key_weight: float = 0.1
-    preserve_weight: float = 1.0
-    sampling_steps: int = 50
-    sampling_cfg: float = 3.0
-    trajectory_refresh: int = 25
-    batch_size: int = 1
-    resolution: int = 0
-    seed: int = 0
-    rank: int = 32
-    dtype: str = "auto"
-    gradient_checkpointing: str = "auto"
-    adversarial_steps: int = 0
-    adversarial_every: int = 5
-    adversarial_tokens: int = 8
-    adversarial_learning_rate: float = 1e-2
-    score_every: int = 50
-    stop_at_score: float = 0.0
-    min_score_rise: float = 0.5
-    factor_alpha: str = "auto"
-    output_strength: float = 1.0
-    preserve_images: str = "own"
-    retain: str = "auto"
-    retain_size: int = 8
-    retain_watch: float = 0.0
+class _Behaviour:
+    """What one training run does (the fields are setting_fields.FIELDS); to_dict() is stored in the erasure file
+    as its settings."""
 
     @property
     def uses_prompt(self) -> bool:
@@ -68,8 +29,7 @@ class TrainSettings:
     @property
     def factor_scale(self) -> str:
         """The factor_alpha that trains: auto is fan_in, and rank with adversarial_steps. On the pack's benchmark
-        robust training with fan_in factors resisted the attack far less (52.5% of the concept's samples still
-        erased after it, against 94.4% with rank; RESULTS.md, "The attack"), while plain training needs fan_in to
+        robust training with fan_in factors resisted the attack far less (RESULTS.md, "The attack"), while plain training needs fan_in to
         step like ESD's full deltas on SD1.5-sized layers (learning_rate.py)."""
         if self.factor_alpha != "auto":
             return self.factor_alpha
@@ -83,7 +43,7 @@ class TrainSettings:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "TrainSettings":
+    def validate(self):
         _choice("method", self.method, METHODS)
         _choice("placement", self.placement, PLACEMENTS)
         _choice("dtype", self.dtype, DTYPES)
@@ -170,3 +130,10 @@ def _positive(name, value):
     _finite(name, value)
     if value <= 0:
         raise ErasureError(f"{name} must be greater than 0, got {value}")
+
+
+TrainSettings = dataclasses.make_dataclass(
+    "TrainSettings", [(f.name, f.type, dataclasses.field(default=f.default)) for f in FIELDS], bases=(_Behaviour,),
+    frozen=True)
+TrainSettings.__module__ = __name__
+TrainSettings.__doc__ = _Behaviour.__doc__
