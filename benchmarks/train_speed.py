@@ -40,7 +40,7 @@ def bootstrap(cpu: bool, threads: int):
     from pack_import import import_pack
 
     import_pack()
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
 
 
 def sd15_sized_model(device, dtype):

@@ -12,8 +12,8 @@ class AttackConceptErasure:
         "Erased or only hidden? A white-box attack: learns a few continuous tokens, appended to the concept's "
         "conditioning, that make the erased model predict for the concept what the original model predicts (on "
         "images the original generates for the concept). If the concept comes back when you sample with the "
-        "adversarial conditioning, the erasure hid it rather than removed it. Neither model is changed. Train "
-        "Concept Erasure's adversarial_steps trains erasures that resist this attack.")
+        "adversarial conditioning, the erasure hid it rather than removed it. Neither model is changed. Erasure "
+        "Robust Settings (adversarial_steps) trains erasures that resist this attack.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING", "STRING")
     RETURN_NAMES = ("adversarial", "summary")
@@ -30,7 +30,7 @@ class AttackConceptErasure:
         return {
             "required": {
                 "erased_model": ("MODEL", {"tooltip": "The model with the concept erased (Apply Concept Erasure, "
-                                                      "Train Concept Erasure's model, or any erased checkpoint). "
+                                                      "Erase Concept's model, or any erased checkpoint). "
                                                       "It is not changed."}),
                 "original_model": ("MODEL", {"tooltip": "The model before erasure: it generates the concept's images "
                                                         "and gives the predictions to recover. It is not changed."}),

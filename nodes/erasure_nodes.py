@@ -9,7 +9,7 @@ from ..erasure.file_format import PRECISIONS
 from ..erasure.folders import default_folder, load_named_erasure
 from .types import CATEGORY, CONCEPT_ERASURE
 
-_ERASURE_TIP = "A concept erasure: learned prompt tokens and weight deltas, from Load or Train Concept Erasure."
+_ERASURE_TIP = "A concept erasure: learned prompt tokens and weight deltas, from Load Concept Erasure or Erase Concept."
 _MODEL_TIP = "The original model (the one the erasure was trained on, or the same family). It is not changed."
 
 
@@ -96,7 +96,7 @@ class SaveConceptErasure:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "erasure": (CONCEPT_ERASURE, {"tooltip": "The erasure to save (usually from Train Concept Erasure)."}),
+            "erasure": (CONCEPT_ERASURE, {"tooltip": "The erasure to save (from Erase Concept or Load Concept Erasure)."}),
             "filename_prefix": ("STRING", {"default": "concept_erasure/erased", "tooltip":
                                 "Name inside models/concept_erasure (a leading 'concept_erasure/' is optional; "
                                 "subfolders allowed, '..' is not). _00001_ etc. is appended."}),

@@ -41,8 +41,10 @@ def run_training(model, concept, unconditional, preserve, values: dict, concept_
     settings = TrainSettings(**values).validate()
     candidates = encode_candidates(clip, retain_candidates) if clip is not None and settings.retain != "off" else None
     result = train_erasure(model, concept, unconditional, preserve, settings, concept_label, candidates=candidates)
+    recorded = result.erasure.settings
     curves = draw_loss_curves(result.losses, scores=result.scores, stop_at=settings.stop_at_score,
-                              moved=result.moved, retain=result.retain)
+                              moved=result.moved, retain=result.retain,
+                              rate_raises=recorded.get("learning_rate_raises", ()), stopped=recorded.get("stopped"))
     return (apply_erasure(model, result.erasure), result.erasure, curves)
 
 

@@ -11,6 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 COLORS = {"erase": (220, 60, 50), "key": (40, 110, 220), "preserve": (30, 150, 70), "total": (90, 90, 90)}
 SCORE_COLOR = (150, 60, 170)
 MOVED_COLOR = (230, 130, 20)
+AXIS_COLOR = (110, 110, 110)
+SCORE_AXIS = "score: 0 unchanged, 0.5 like the empty prompt, 1 ESD's target"
 _FALLBACK = [(160, 80, 180), (200, 140, 20), (20, 160, 170)]
 
 
@@ -24,11 +26,14 @@ def _smooth(values: List[float], window: int) -> List[float]:
 
 def draw_loss_curves(losses: Dict[str, List[float]], width: int = 768, height: int = 384,
                      scores: Optional[Sequence[Tuple[int, float]]] = None, stop_at: float = 0.0,
-                     moved: Optional[Sequence[Tuple[int, float]]] = None, retain=None) -> torch.Tensor:
+                     moved: Optional[Sequence[Tuple[int, float]]] = None, retain=None,
+                     rate_raises: Sequence[Tuple[int, float]] = (), stopped: Optional[dict] = None) -> torch.Tensor:
     """One line per term (log10 scale when every value is positive), lightly smoothed, with a legend; and the
     concept score measured during training ((iteration, score) pairs, erasure_score.py) on a linear axis at the
     right, with the stop_at_score line when there is one; and, on the same axis, how far the most-moved kept
-    concept has moved (`moved`, the report's measure). `retain` (a RetainSet) is listed under the plot."""
+    concept has moved (`moved`, the report's measure). `retain` (a RetainSet) is listed under the plot.
+    rate_raises ((iteration, new rate), learning_rate.py) are marked on the iteration axis, and `stopped` (the
+    file's {"iteration", "reason"}) with a line where training stopped before its last iteration."""
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -81,12 +86,39 @@ def draw_loss_curves(losses: Dict[str, List[float]], width: int = 768, height: i
             _draw_series(draw, moved, box, steps, scale, MOVED_COLOR)
             draw.text((left + 8 + 110 * (len(smoothed) + bool(scores)), 8), f"kept moved {moved[-1][1]:.2f}",
                       fill=MOVED_COLOR, font=font)
+        if scores:
+            _right_text(draw, font, left + plot_w - 4, top + 2, SCORE_AXIS, SCORE_COLOR)
+    draw.text((left + 4, top + 2), "loss, log10 scale" if log_scale else "loss", fill=AXIS_COLOR, font=font)
+    _mark_events(draw, font, box, steps, rate_raises, stopped)
     if retain is not None:
         kept = ", ".join(t for t, _ in retain.kept) or "none"
         draw.text((left, height - 16), f"kept: {kept}"[:width // 6], fill=MOVED_COLOR, font=font)
-    draw.text((left, top + plot_h + 8), "iteration 1", fill=(0, 0, 0), font=font)
-    draw.text((left + plot_w - 80, top + plot_h + 8), f"iteration {steps}", fill=(0, 0, 0), font=font)
+    draw.text((left, top + plot_h + 8), "1", fill=(0, 0, 0), font=font)
+    draw.text((left + plot_w // 2 - 24, top + plot_h + 8), "iteration", fill=(0, 0, 0), font=font)
+    _right_text(draw, font, left + plot_w, top + plot_h + 8, str(steps), (0, 0, 0))
     return _to_tensor(image)
+
+
+def _right_text(draw, font, x_right, y, text, color) -> None:
+    width = draw.textlength(text, font=font)
+    draw.text((x_right - width, y), text, fill=color, font=font)
+
+
+def _mark_events(draw, font, box, steps, rate_raises, stopped) -> None:
+    """Where the learning rate was doubled (ticks on the iteration axis) and where training stopped early."""
+    left, top, plot_w, plot_h = box
+    point = _scaled(box, steps, (0.0, 1.0))
+    for iteration, _ in rate_raises:
+        x = point(iteration, 0.0)[0]
+        draw.polygon([(x, top + plot_h - 7), (x - 4, top + plot_h), (x + 4, top + plot_h)], fill=AXIS_COLOR)
+    if rate_raises:
+        x = point(rate_raises[-1][0], 0.0)[0]
+        draw.text((x + 6, top + plot_h - 14), f"rate x2 ({len(rate_raises)})", fill=AXIS_COLOR, font=font)
+    if stopped and stopped.get("reason") != "iterations":
+        x = point(int(stopped["iteration"]), 0.0)[0]
+        for y in range(int(top), int(top + plot_h), 10):
+            draw.line([(x, y), (x, y + 5)], fill=(0, 0, 0))
+        _right_text(draw, font, x - 4, top + 16, f"stopped at {stopped['iteration']}", (0, 0, 0))
 
 
 def _scaled(box, steps, scale):

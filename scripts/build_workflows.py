@@ -263,26 +263,26 @@ _DEMO_PROMPTS, _DEMO_PROMPT_LINKS, _DEMO_COMBINED = _demo_prompt_nodes(C1, DEMO_
 DEMO = dict(
     title="Demo: erase the square from the demo world",
     description="Runs on a CPU in a few minutes with no downloads: Load Demo World (a tiny model that draws coloured "
-                "shapes) -> Train Concept Erasure on 'a square' -> the report grid, original left and erased "
+                "shapes) -> Erase Concept on 'a square' -> the report grid, original left and erased "
                 "right: squares (and the synonym 'box', never trained on) are gone, other shapes stay.",
     nodes=[
         note("note", (C0, 0), (
             "DEMO: ERASE THE SQUARE\n\n"
             "Load Demo World is a tiny model (1.4 M-parameter UNet) that draws one coloured shape (circle, square, "
             "triangle, cross, ring) from prompts like 'a red square'. It comes with the pack and runs on a CPU.\n\n"
-            "1. Queue. Train Concept Erasure learns to stop drawing 'a square' (1000 iterations, about 1-2 min "
-            "on a CPU; the trainer's defaults except resolution 128, this tiny model's size; the trainer raises "
-            "the learning rate itself for a model this small).\n"
+            "1. Queue. Erase Concept learns to stop drawing 'a square' (1000 iterations, about 1-2 min on a CPU; "
+            "the trainer's defaults except resolution 128, this tiny model's size, set on Erasure Training "
+            "Settings; keep is empty, so the trainer finds the shapes to keep itself).\n"
             "2. The grid: rows = the prompts on the left, left column = the original model, right = the erased "
             "one, same seed. Squares and boxes become other shapes; circles, crosses and triangles stay.\n"
             "3. The erasure is saved as models/concept_erasure/demo_square_00001_.safetensors (Load Concept "
             "Erasure lists it).\n\n"
             "For a real model, open train_concept_erasure.json and load an SD checkpoint instead."), size=(400, 470)),
         node("world", "LoadDemoWorld", (C0, 520), size=(400, 100)),
-        node("concept", "CLIPTextEncode", (C1, 0), {"text": DEMO_CONCEPT}, "Concept to erase", size=(400, 200)),
-        node("empty", "CLIPTextEncode", (C1, 240), {"text": ""}, "Empty prompt (unconditional)", size=(400, 200)),
-        node("train", "TrainConceptErasure", (C2, 0), dict(DEMO_TRAINING, concept_label="square",
-                                                          control_after_generate="fixed"), size=(400, 0)),
+        node("settings", "ErasureTrainingSettings", (C1, 0), DEMO_TRAINING, size=(400, 0)),
+        node("empty", "CLIPTextEncode", (C0, 700), {"text": ""}, "Empty prompt (for the report)", size=(400, 200)),
+        node("train", "EraseConcept", (C2, 0), {"concept": DEMO_CONCEPT, "keep": "",
+                                               "control_after_generate": "fixed"}, size=(400, 0)),
         node("save", "SaveConceptErasure", (C2 + 460, 0), {"filename_prefix": "concept_erasure/demo_square"},
              size=(400, 58)),
         node("curves", "PreviewImage", (C2 + 460, 140), title="Loss curves", size=(520, 330)),
@@ -293,9 +293,8 @@ DEMO = dict(
         node("grid", "SaveImage", (C2 + 820, DEMO_ROW2), {"filename_prefix": "concept_erasure/demo_before_after"},
              size=(360, 640)),
     ],
-    links=[("world", 1, "concept", "clip"), ("world", 1, "empty", "clip"), ("world", 0, "train", "model"),
-           ("concept", 0, "train", "concept"), ("empty", 0, "train", "unconditional"), ("world", 1, "train", "clip"),
-           ("train", 1, "save", "erasure"), ("train", 2, "curves", "images"), *_DEMO_PROMPT_LINKS,
+    links=[("world", 1, "empty", "clip"), ("world", 0, "train", "model"), ("world", 1, "train", "clip"),
+           ("settings", 0, "train", "settings"), ("train", 1, "save", "erasure"), ("train", 2, "curves", "images"), *_DEMO_PROMPT_LINKS,
            ("world", 0, "report", "original_model"), ("train", 0, "report", "erased_model"),
            (_DEMO_COMBINED, 0, "report", "prompts"), ("empty", 0, "report", "unconditional"),
            ("world", 2, "report", "vae"), ("report", 0, "grid", "images")],
@@ -316,8 +315,8 @@ ATTACK = dict(
             "it closed.\n"
             "4. Left: the original. Middle: the erased model. Right: the erased model with the adversarial prompt. "
             "If the right image shows the concept again, the erasure hid it rather than removed it: train with "
-            "adversarial_steps (with preserve: the concepts to keep; factor_alpha auto and output_strength 1, "
-            "the defaults) on Train Concept Erasure for an erasure that resists this attack."), size=(400, 380)),
+            "adversarial_steps (Erasure Robust Settings on Erase Concept, the concepts to keep typed in keep or "
+            "found by the trainer) for an erasure that resists this attack."), size=(400, 380)),
         *loaders(y=430),
         *prompt_nodes(C1, 0, CONCEPT),
         node("empty", "CLIPTextEncode", (C1, 630), {"text": ""}, "Empty prompt (unconditional)", size=(400, 200)),

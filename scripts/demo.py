@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from comfy_server import ComfyServer, ServerError, output_images, prepare_base
-from workflow_convert import ui_to_api
+from workflow_convert import ui_to_api, with_settings_node
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_WORKFLOW = "demo_world_erasure"
@@ -94,11 +94,11 @@ def main(argv=None) -> int:
 
 
 def run_demo_world(server, base, options) -> dict:
-    changes = {"TrainConceptErasure": {"iterations": options.iterations}} if options.iterations else {}
+    changes = {"EraseConcept": {"iterations": options.iterations}} if options.iterations else {}
     prompt = ui_to_api(load_workflow(DEMO_WORKFLOW), server.object_info(), changes)
     inputs = {node["class_type"]: node["inputs"] for node in prompt.values()}
     step(f"running workflows/{DEMO_WORKFLOW}.json: train an erasure of 'a {ERASED}' "
-         f"({inputs['TrainConceptErasure']['iterations']} iterations), then the original and the erased model "
+         f"({inputs['EraseConcept']['iterations']} iterations), then the original and the erased model "
          "side by side")
     entry = server.run(prompt, timeout=3600)
     grid = output_images(entry, base / "output")[0]
@@ -145,10 +145,13 @@ def run_checkpoint(server, base, options) -> dict:
     info = server.object_info()
     common = {"CheckpointLoaderSimple": {"ckpt_name": options.checkpoint}}
     iterations = options.iterations or 20
-    training = dict(common, TrainConceptErasure={
-        "iterations": iterations, "sampling_steps": 10, "resolution": max(64, options.size // 2 // 8 * 8)})
-    step(f"running workflows/train_concept_erasure.json on {options.checkpoint} ({iterations} iterations)")
-    entry = server.run(ui_to_api(load_workflow("train_concept_erasure"), info, training), timeout=3600)
+    workflow = load_workflow("train_concept_erasure")
+    fast = {"sampling_steps": 10, "resolution": max(64, options.size // 2 // 8 * 8)}  # an Erasure Training Settings
+    prompt = with_settings_node(ui_to_api(workflow, info, dict(common, EraseConcept={"iterations": iterations})),
+                                info, workflow["last_node_id"], fast)
+    step(f"running workflows/train_concept_erasure.json on {options.checkpoint} ({iterations} iterations; "
+         f"sampling_steps and resolution on an Erasure Training Settings node)")
+    entry = server.run(prompt, timeout=3600)
     erasure, files = trained_files(entry, base)
 
     step("running workflows/compare_before_after.json (original | erased, same prompts and seed)")

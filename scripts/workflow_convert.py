@@ -133,3 +133,22 @@ def ui_to_api(workflow: dict, object_info: Dict[str, dict], overrides: Optional[
                     raise WorkflowError(f"override {changes_for}.{name}: node {nid} has no widget input {name!r}")
                 entry["inputs"][name] = copy.deepcopy(value)
     return prompt
+
+
+def with_settings_node(prompt: dict, object_info: Dict[str, dict], last_node_id: int, values: dict,
+                       node_type: str = "ErasureTrainingSettings", target: str = "EraseConcept") -> dict:
+    """The API prompt with a `node_type` node (`values`, the rest at their defaults) connected to the `settings`
+    input of each `target` that has none, numbered as the frontend numbers a node added to the graph."""
+    targets = [key for key, node in prompt.items() if node["class_type"] == target and "settings" not in node["inputs"]]
+    if not targets:
+        return prompt
+    spec = object_info[node_type]["input"]["required"]
+    unknown = set(values) - set(spec)
+    if unknown:
+        raise WorkflowError(f"{node_type} has no widget {sorted(unknown)}")
+    key = str(last_node_id + 1)
+    inputs = {name: values.get(name, widget_default(object_info[node_type], name)) for name in spec}
+    prompt = dict(prompt, **{key: {"inputs": inputs, "class_type": node_type}})
+    for name in targets:
+        prompt[name] = dict(prompt[name], inputs=dict(prompt[name]["inputs"], settings=[key, 0]))
+    return prompt

@@ -22,6 +22,7 @@ import comfy.model_management  # noqa: E402,F401
 
 
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' helpers: tiny models, the server, workflow cases
 from pack_import import import_pack  # noqa: E402
 
 import_pack()
@@ -75,3 +76,15 @@ def _checkout_off_sys_path():
     module. The pack is imported by path (pack_import.py), as ComfyUI does, so the checkout is not needed there."""
     sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != ROOT]
 
+
+
+# Tests that start the real ComfyUI server or a browser, train a benchmark world or run the whole demo; the rest are
+# the unit tests: `.venv/bin/pytest -m "not integration"` runs them alone.
+INTEGRATION = {"test_browser", "test_demo", "test_server", "test_workflows", "test_lora_server", "test_benchmark_worlds",
+               "test_quality_world", "test_workflow_files"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in INTEGRATION or "comfy_server" in item.fixturenames:
+            item.add_marker(pytest.mark.integration)

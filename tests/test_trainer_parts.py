@@ -260,3 +260,18 @@ def test_loss_plot_labels_whole_decades():
     assert decade_ticks(-6, -1) == [-1, -2, -3, -4, -5, -6]
     assert decade_ticks(-20, 0) == [0, -3, -6, -9, -12, -15, -18]  # at most 8 labels
     assert decade_ticks(-3, -2) == [-2, -3]
+
+
+def test_loss_plot_marks_where_the_rate_was_raised_and_where_training_stopped():
+    losses = {"erase": [1.0 / (i + 1) for i in range(200)]}
+    plain = draw_loss_curves(losses, width=400, height=200, stopped={"iteration": 200, "reason": "iterations"})
+    assert torch.equal(plain, draw_loss_curves(losses, width=400, height=200))  # ran to its last iteration: no mark
+    left, plot_w = 64, 400 - 64 - 16
+    x_of = lambda iteration: round(left + (iteration - 1) / 199 * plot_w)  # noqa: E731
+    stopped = draw_loss_curves(losses, width=400, height=200, stopped={"iteration": 120, "reason": "score reached"})
+    changed = (stopped != plain).any(-1)[0]  # [H, W]
+    assert changed[60:150, x_of(120)].sum() > 30  # a dashed line down the plot at iteration 120
+    raised = draw_loss_curves(losses, width=400, height=200, rate_raises=[(20, 2e-5), (30, 4e-5)])
+    changed = (raised != plain).any(-1)[0]
+    for iteration in (20, 30):  # a mark on the iteration axis at each doubling
+        assert changed[150:164, x_of(iteration) - 2:x_of(iteration) + 3].any(), iteration

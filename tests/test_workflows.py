@@ -10,7 +10,7 @@ from workflow_cases import FAST_SETTINGS, NAMES, check_images, load, node_types,
 from workflow_convert import WorkflowError, required_widgets, ui_to_api, widget_layout
 
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent / "support" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_demo_workflow_trains_on_the_demo_world_and_reports(comfy_server, comfy_
     assert set(erasures.rglob("*.safetensors")) - before == {erasures / saved[0]}
     with safe_open(str(erasures / saved[0]), "pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["concepts"]) == ["square"]
+    assert json.loads(meta["concepts"]) == ["a square"]
     settings = json.loads(meta["settings"])  # the workflow keeps the node's rate: the trainer raises it for the world
     assert {k: settings[k] for k in ("learning_rate", "factor_alpha", "min_score_rise", "output_strength")} == {
         "learning_rate": 1e-5, "factor_alpha": "auto", "min_score_rise": 0.5, "output_strength": 1.0}

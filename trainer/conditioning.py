@@ -84,7 +84,7 @@ def read_prompts(conditioning, name: str, model_sampling) -> List[Prompt]:
         what = f"{name} entry {index + 1}" if len(conditioning) > 1 else name
         for key, reason in _REFUSED.items():
             if options.get(key) is not None and options.get(key) is not False:
-                raise ErasureError(f"{what} has {reason}. Remove that node before Train Concept Erasure")
+                raise ErasureError(f"{what} has {reason}. Remove that node before the trainer")
         weight = _number(options.get("strength", 1.0), f"{what} strength", 0.0, math.inf)
         timesteps = _timestep_range(options, what, model_sampling)
         if name == "unconditional" and (weight != 1.0 or timesteps is not None):

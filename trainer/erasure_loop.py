@@ -119,7 +119,7 @@ def _retain_candidates(s: TrainSettings, candidates: Optional[Candidates], kept:
     if candidates is None or not candidates.entries:
         if candidates is None and not kept:
             log.info("no preserve and no CLIP: the trainer cannot find the concepts near the one erased to keep "
-                     "them; connect clip (or preserve) to Train Concept Erasure")
+                     "them; connect clip (or preserve) to the trainer, or use Erase Concept")
         return None
     entries = conditioning_entries(candidates.entries, "retain candidates")
     check_width(entries, "retain candidates", context_dim)

@@ -264,7 +264,7 @@ def refusal(planner: MemoryPlanner, plan: MemoryPlan, available: int, where: str
     else:
         advice = "Lower the resolution or use a smaller rank."
     return TrainingMemoryError(
-        f"Train Concept Erasure needs {plan.describe()}; that is {gib(need(plan))} but only {gib(available)} are "
+        f"Training needs {plan.describe()}; that is {gib(need(plan))} but only {gib(available)} are "
         f"free on {plan.device} {where}. {advice} Nothing was changed.")
 
 

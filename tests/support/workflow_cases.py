@@ -10,9 +10,9 @@ from pathlib import Path
 from PIL import Image
 
 from server_fixtures import CHECKPOINT
-from workflow_convert import ui_to_api
+from workflow_convert import ui_to_api, with_settings_node
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 NAMES = ("train_concept_erasure", "apply_concept_erasure", "compare_before_after", "recover_with_key", "export_as_lora",
          "demo_world_erasure", "attack_erasure")
 SIZE = 64
@@ -45,6 +45,8 @@ def overrides(name: str, erasure_name: str = None, lora_name: str = None, workfl
         changes["TrainConceptErasure"] = dict(FAST_TRAINING)
     if "EraseConcept" in types:
         changes["EraseConcept"] = {"iterations": FAST_TRAINING["iterations"]}
+    if SETTINGS_NODE in types:  # a workflow that has its own (the demo world's)
+        changes[SETTINGS_NODE] = dict(FAST_SETTINGS)
     if "LoadConceptErasure" in types:
         changes["LoadConceptErasure"] = {"erasure_name": erasure_name}
     if "LoraLoaderModelOnly" in types:
@@ -84,18 +86,8 @@ def check_images(paths, name):
 
 
 def with_fast_settings(prompt: dict, object_info: dict, last_node_id: int) -> dict:
-    """The API prompt with an Erasure Training Settings node (FAST_SETTINGS, the rest at their defaults) connected
-    to each Erase Concept, numbered as the frontend numbers a node added to the graph."""
-    erasers = [key for key, node in prompt.items() if node["class_type"] == "EraseConcept"]
-    if not erasers:
-        return prompt
-    spec = object_info[SETTINGS_NODE]["input"]["required"]
-    key = str(last_node_id + 1)
-    inputs = {name: FAST_SETTINGS.get(name, item[1]["default"]) for name, item in spec.items()}
-    prompt = dict(prompt, **{key: {"inputs": inputs, "class_type": SETTINGS_NODE}})
-    for eraser in erasers:
-        prompt[eraser] = dict(prompt[eraser], inputs=dict(prompt[eraser]["inputs"], settings=[key, 0]))
-    return prompt
+    """An Erasure Training Settings node with FAST_SETTINGS connected to each Erase Concept that has none."""
+    return with_settings_node(prompt, object_info, last_node_id, FAST_SETTINGS, SETTINGS_NODE)
 
 
 def run_workflow(server, name, erasure_name=None, lora_name=None, timeout=600, workflow=None):
