@@ -90,7 +90,7 @@ TRAIN = dict(
             "4. The erasure is saved as models/concept_erasure/van_gogh_00001_.safetensors: open "
             "apply_concept_erasure.json or compare_before_after.json to use it.\n\n"
             "More settings: connect an Erasure Training / Keep / Robust / Memory Settings node to Erase Concept's "
-            "settings input. Each node's help page (the ? on the node) explains its inputs."), size=(400, 430)),
+            "settings input. Each node's help page (ComfyUI's node help) explains its inputs."), size=(400, 430)),
         node("ckpt", "CheckpointLoaderSimple", (C0, 480), {"ckpt_name": CHECKPOINT}, size=WIDE),
         node("train", "EraseConcept", (C1, 0), {"concept": CONCEPT_TEXT, "keep": KEPT_TEXT,
                                                "control_after_generate": "fixed"}, size=(400, 0)),

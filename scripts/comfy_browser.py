@@ -152,6 +152,7 @@ def add_connected_node(page, node_type: str, widgets: dict, target_type: str, ta
         }
         const targets = app.graph._nodes.filter(t => t.type === targetType);
         if (!targets.length) throw new Error('no ' + targetType + ' in the graph');
+        n.pos = [targets[0].pos[0], targets[0].pos[1] + targets[0].size[1] + 80];  // below it, clear of the rest
         for (const t of targets) if (!n.connect(0, t, input)) throw new Error('cannot link to ' + input);
         app.graph.setDirtyCanvas(true, true);
         return n.id;
