@@ -58,12 +58,12 @@ def read_images(classifier: Classifier, images: torch.Tensor) -> Tuple[List[str]
 
 
 def report_grid_cells(grid: torch.Tensor, rows: int, cell: int) -> List[torch.Tensor]:
-    """Concept Erasure Report's grid [H, W, 3] (rows x original | erased, white gaps) -> per row a [2, cell, cell, 3]
-    batch (original, erased)."""
+    """Concept Erasure Report's grid [H, W, 3] (rows x original | erased, white gaps, the labels right and below)
+    -> per row a [2, cell, cell, 3] batch (original, erased)."""
     gap = max(1, cell // 64)
-    expected = (rows * cell + (rows - 1) * gap, 2 * cell + gap)
-    if tuple(grid.shape[:2]) != expected:
-        raise ValueError(f"a {rows}-row report grid of {cell} px cells is {expected[1]}x{expected[0]} px, "
+    expected = (rows * cell + (rows - 1) * gap, 2 * cell + gap)  # the cells, from the top left; labels beyond
+    if grid.shape[0] < expected[0] or grid.shape[1] < expected[1]:
+        raise ValueError(f"a {rows}-row report grid of {cell} px cells is at least {expected[1]}x{expected[0]} px, "
                          f"this one is {grid.shape[1]}x{grid.shape[0]}")
     out = []
     for r in range(rows):

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 import comfy.model_management
@@ -150,6 +151,39 @@ def image_grid(rows: Sequence[Sequence[torch.Tensor]], gap: int) -> torch.Tensor
     return grid
 
 
+LABEL_PAD = 6  # px around the labels
+LABEL_CHAR = 6  # px per character of PIL's default font (about 11 px high)
+TITLE_BAND = 18  # px under the grid for the columns' titles
+COLUMNS = ("original", "erased")
+
+
+def labelled_size(rows: int, cell_h: int, cell_w: int, gap: int, labels: Sequence[str]) -> tuple:
+    """(height, width) of the labelled grid: image_grid's, a column of row labels at the right, a band of column
+    titles below. The cells stay where image_grid puts them, from the top left (demo_world/reading.py reads them)."""
+    label_w = max(len(label) for label in labels) * LABEL_CHAR + 2 * LABEL_PAD
+    return rows * cell_h + (rows - 1) * gap + TITLE_BAND, 2 * cell_w + gap + label_w
+
+
+def label_grid(grid: torch.Tensor, labels: Sequence[str], cell_h: int, cell_w: int, gap: int) -> torch.Tensor:
+    """The grid with each row's label at its right and "original" / "erased" under the columns, on white."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = labelled_size(len(labels), cell_h, cell_w, gap, labels)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    pixels = (grid[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    canvas.paste(Image.fromarray(pixels), (0, 0))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for r, label in enumerate(labels):
+        draw.text((2 * cell_w + gap + LABEL_PAD, r * (cell_h + gap) + cell_h // 2 - 6), label, fill=(0, 0, 0),
+                  font=font)
+    for c, title in enumerate(COLUMNS):
+        x = c * (cell_w + gap) + cell_w // 2 - len(title) * LABEL_CHAR // 2
+        draw.text((max(0, x), height - TITLE_BAND + 3), title, fill=(0, 0, 0), font=font)
+    out = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).unsqueeze(0)
+    out[0, :grid.shape[1], :grid.shape[2]] = grid[0].float().cpu()  # the cells exactly as sampled
+    return out
+
+
 def format_summary(scores: Sequence[ConceptScore], seed: int, steps: int, cfg: float, width: int, height: int) -> str:
     name_width = max(6, *(len(s.label) for s in scores))
     lines = [f"Concept Erasure Report: {len(scores)} prompt(s), seed {seed}, {steps} steps, cfg {cfg:g}, "
@@ -198,5 +232,6 @@ def compare_models(original, erased, prompts, unconditional, vae, labels: str = 
             rows.append(pair)
         scores = concept_scores(original, erased, prompt_list, unconditional, originals, names, seed,
                                 step=lambda: progress.update(1))
-    grid = image_grid(rows, gap=max(1, width // 64))
+    gap = max(1, width // 64)
+    grid = label_grid(image_grid(rows, gap=gap), names, height, width, gap)
     return grid, format_summary(scores, seed, steps, cfg, width, height), scores

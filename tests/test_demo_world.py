@@ -14,6 +14,7 @@ from comfyui_concept_erasure.demo_world.text_encoder import TextEncoder
 from comfyui_concept_erasure.demo_world.world import load_world
 from comfyui_concept_erasure.nodes.demo_nodes import LoadDemoWorld
 from comfyui_concept_erasure.report import compare_models
+from comfyui_concept_erasure.report.concept_report import labelled_size
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_report_grid_reads_back_per_row(demo, classifier):
     with torch.inference_mode():
         grid, _, _ = compare_models(model, model, prompts, encode(clip, ""), vae, seed=5, steps=20, width=128,
                                     height=128, cfg=4.0)
-    assert grid.shape == (1, 2 * 128 + 2, 2 * 128 + 2, 3)
+    assert grid.shape == (1, *labelled_size(2, 128, 128, 2, ["prompt 1", "prompt 2"]), 3)  # labels right and below
     verdicts = read_report_grid(classifier, grid[0], ["a green square", "a red triangle"], 128)
     assert [(v["before"], v["after"]) for v in verdicts] == [("square", "square"), ("triangle", "triangle")]
     with pytest.raises(ValueError, match="3-row report grid"):

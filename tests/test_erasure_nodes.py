@@ -186,7 +186,8 @@ def test_every_node_is_documented(models_dir):
     for node_id, cls in mappings.items():
         assert names[node_id].strip(), node_id
         assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 20, node_id
-        assert cls.CATEGORY in (CATEGORY, f"{CATEGORY}/demo") and CATEGORY == "concept_erasure", node_id
+        assert cls.CATEGORY in (CATEGORY, f"{CATEGORY}/demo", f"{CATEGORY}/settings"), node_id
+        assert CATEGORY == "concept_erasure"
         assert callable(getattr(cls(), cls.FUNCTION)), node_id
         spec = cls.INPUT_TYPES()
         assert set(spec) <= {"required", "optional", "hidden"}, node_id

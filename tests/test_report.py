@@ -12,7 +12,7 @@ from comfyui_concept_erasure.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME
 from comfyui_concept_erasure.nodes.report_node import ConceptErasureReport
 from comfyui_concept_erasure.report import ReportError, compare_models
 from comfyui_concept_erasure.erasure.concept_score import ETA
-from comfyui_concept_erasure.report.concept_report import score_levels
+from comfyui_concept_erasure.report.concept_report import labelled_size, score_levels
 from tiny_models import CONTEXT_DIM, build_model, init_weights, predict
 
 SIZE = 64  # pixels; latents are 8x8
@@ -52,10 +52,13 @@ def test_identical_models_give_equal_columns_and_zero_scores(vae):
     grid, summary, scores = compare_models(model, model.clone(), prompts, cond("sd15", 3), vae, "first\nsecond",
                                            seed=5, steps=STEPS, width=SIZE, height=SIZE, cfg=4.0)
     gap = max(1, SIZE // 64)
-    assert grid.shape == (1, 2 * SIZE + gap, 2 * SIZE + gap, 3)
+    height, width = labelled_size(2, SIZE, SIZE, gap, ["first", "second"])
+    assert grid.shape == (1, height, width, 3) and width > 2 * SIZE + gap and height > 2 * SIZE + gap
     for row in range(2):
         y = row * (SIZE + gap)
-        assert torch.equal(grid[0, y:y + SIZE, :SIZE], grid[0, y:y + SIZE, SIZE + gap:])
+        assert torch.equal(grid[0, y:y + SIZE, :SIZE], grid[0, y:y + SIZE, SIZE + gap:2 * SIZE + gap])
+        assert (grid[0, y:y + SIZE, 2 * SIZE + gap:] < 0.5).any()  # the row's label, right of its images
+    assert (grid[0, 2 * SIZE + gap:, :2 * SIZE + gap] < 0.5).any()  # the columns' titles under them
     assert [s.label for s in scores] == ["first", "second"]
     assert all(s.toward == 0 and s.moved == 0 for s in scores)
     assert "first" in summary and "second" in summary
@@ -73,8 +76,8 @@ def test_grid_cells_are_comfy_samples_from_the_seed(vae):
                                       prompt, uncond, latent, seed=9)
         expected = vae.decode(samples)[0]
         x = column * (SIZE + 1)
-        assert torch.allclose(grid[0, :, x:x + SIZE], expected, atol=1e-5)
-    assert not torch.allclose(grid[0, :, :SIZE], grid[0, :, SIZE + 1:], atol=1e-3)
+        assert torch.allclose(grid[0, :SIZE, x:x + SIZE], expected, atol=1e-5)
+    assert not torch.allclose(grid[0, :SIZE, :SIZE], grid[0, :SIZE, SIZE + 1:2 * SIZE + 1], atol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd2v", "sdxl"])
@@ -159,5 +162,5 @@ def test_node_runs_under_inference_mode(vae):
                                             steps=STEPS, width=SIZE, height=SIZE, cfg=4.0, labels="cat")
     grid, summary = out["result"]
     assert out["ui"] == {"text": [summary]}
-    assert grid.shape == (1, SIZE, 2 * SIZE + 1, 3)
+    assert grid.shape == (1, *labelled_size(1, SIZE, SIZE, 1, ["cat"]), 3)
     assert summary.splitlines()[2].split()[:3] == ["cat", "0.50", "0.50"]

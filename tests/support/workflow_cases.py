@@ -58,17 +58,25 @@ def overrides(name: str, erasure_name: str = None, lora_name: str = None, workfl
     return {k: v for k, v in changes.items() if k in types}
 
 
-# What each workflow must save: image sizes (width, height) of its SaveImage outputs. The report's grid is
-# 2 x 2 images (original | erased, for 2 prompts) with a white gap of max(1, width // 64) pixels between them.
-GRID = 2 * SIZE + max(1, SIZE // 64)
-DEMO_GRID = (GRID, 5 * SIZE + 4 * max(1, SIZE // 64))  # the demo's report has 5 prompts
+def report_grid(name: str) -> tuple:
+    """(width, height) of the report grid a workflow saves: its labels' rows of SIZE px cells (report/)."""
+    from comfyui_concept_erasure.report.concept_report import labelled_size
+
+    report = next(n for n in load(name)["nodes"] if n["type"] == "ConceptErasureReport")
+    labels = next(v for v in report["widgets_values"] if isinstance(v, str) and "(erased" in v).splitlines()
+    height, width = labelled_size(len(labels), SIZE, SIZE, max(1, SIZE // 64), labels)
+    return width, height
+
+
+# What each workflow must save: image sizes (width, height) of its SaveImage outputs. The report's grid is one row
+# per prompt (original | erased, a white gap of max(1, width // 64) pixels), with the labels right and below.
 EXPECTED_IMAGES = {
     "train_concept_erasure": [],
     "apply_concept_erasure": [(SIZE, SIZE)],
-    "compare_before_after": [(GRID, GRID)],
+    "compare_before_after": [report_grid("compare_before_after")],
     "recover_with_key": [(SIZE, SIZE), (SIZE, SIZE)],
     "export_as_lora": [(SIZE, SIZE)],
-    "demo_world_erasure": [DEMO_GRID],
+    "demo_world_erasure": [report_grid("demo_world_erasure")],
     "attack_erasure": [(SIZE, SIZE)] * 3,
 }
 
