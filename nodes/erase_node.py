@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from ..erasure.concept_erasure import ErasureError
 from ..trainer.conditioning import encode_text
+from ..trainer.erasure_loop import concept_names as lines  # one concept per line, blank lines dropped
 from ..trainer.setting_fields import BY_NAME, group_fields
-from .train_node import CLIP_TIP, MODEL_TIP, OUTPUT_NAMES, OUTPUT_TOOLTIPS, OUTPUTS, run_training, widgets
+from .train_node import MODEL_TIP, OUTPUT_NAMES, OUTPUT_TOOLTIPS, OUTPUTS, run_training, widgets
 from .types import CATEGORY, ERASURE_SETTINGS
-
-
-def lines(text: str):
-    return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
 def encode_lines(clip, texts):
@@ -33,7 +30,8 @@ class EraseConcept:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": MODEL_TIP}),
-                "clip": ("CLIP", {"tooltip": CLIP_TIP.replace("the trainer uses it", "it encodes the text and")}),
+                "clip": ("CLIP", {"tooltip": "The model's CLIP: it encodes the text and finds the concepts nearest the "
+                                             "erased one to keep."}),
                 "concept": ("STRING", {"default": "", "multiline": True, "tooltip":
                             "What to erase, one concept per line (e.g. Van Gogh); also the name stored in the file."}),
                 "keep": ("STRING", {"default": "", "multiline": True, "tooltip":
